@@ -1,0 +1,56 @@
+"""Packaging for ssl_distill (distribution name ``ssl-distill``)."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+# The tested set is torch 2.14.1 / torchvision 0.29.1 (pinned by the Makefile);
+# compatible newer releases are accepted.
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "timm>=1.0",
+    "omegaconf>=2.3",
+    "submitit>=1.5",
+    "fvcore>=0.1.5",
+    "numpy>=1.24",
+    "pillow>=9.0",
+    "tqdm>=4.60",
+]
+
+EXTRAS = {
+    # Real images for `make demo` and the tests: scikit-learn ships the digits data set,
+    # scikit-image ships photographs. matplotlib draws the loss curve.
+    "demo": ["scikit-learn>=1.3", "scikit-image>=0.22", "matplotlib>=3.7"],
+    "dev": [
+        "pytest>=8.0",
+        "pytest-timeout>=2.2",
+        "ruff>=0.5",
+        "scikit-learn>=1.3",
+        "scikit-image>=0.22",
+        "matplotlib>=3.7",
+    ],
+    "xformers": ["xformers>=0.0.27"],
+    "tensorboard": ["tensorboard>=2.14"],
+}
+
+setup(
+    name="ssl-distill",
+    version="0.1.0",
+    description="Self-supervised ViT pretraining in the DINOv2 / iBOT family: train, evaluate, model zoo.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ssl_distill", "ssl_distill.*"]),
+    package_data={"ssl_distill": ["py.typed"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["ssl-distill = ssl_distill.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,166 @@
+"""Where am I? Single process, torchrun (``env://``) or Slurm, and collectives that also work alone.
+
+This is the only module that reads launcher environment variables. Every helper here degrades to the
+single-process answer when ``torch.distributed`` is not initialised, so library code (losses, k-NN,
+feature extraction) can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The process's place in the job, as read from the launcher's environment."""
+
+    launcher: str  # "single" | "torchrun" | "slurm"
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+
+
+def is_enabled() -> bool:
+    """True when ``torch.distributed`` is available and initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_enabled() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_enabled() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op alone). Returns ``tensor`` for chaining."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place mean over ranks (no-op alone)."""
+    world = get_world_size()
+    if world > 1:
+        all_reduce_sum(tensor)
+        tensor.div_(world)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Concatenate ``tensor`` from every rank along ``dim`` in rank order.
+
+    Sizes along ``dim`` may differ between ranks; other dimensions must match. Alone: returns ``tensor``.
+    """
+    world = get_world_size()
+    if world == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    local_n = torch.tensor([tensor.shape[dim]], device=tensor.device, dtype=torch.long)
+    sizes = [torch.zeros_like(local_n) for _ in range(world)]
+    dist.all_gather(sizes, local_n)
+    sizes_int = [int(s.item()) for s in sizes]
+    max_n = max(sizes_int)
+    if tensor.shape[dim] < max_n:
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = max_n - tensor.shape[dim]
+        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+    buffers = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(buffers, tensor)
+    parts = [buf.narrow(dim, 0, n) for buf, n in zip(buffers, sizes_int)]
+    return torch.cat(parts, dim=dim)
+
+
+def _first_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``node[003-005,7],gpu1`` -> ``node003``."""
+    m = re.match(r"^([^\[,]+)(\[([^\]]+)\])?", nodelist.strip())
+    if m is None:
+        raise ValueError(f"Cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{first}"
+
+
+def detect_environment(environ: dict[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables: torchrun (``RANK``/``WORLD_SIZE``...) wins, then Slurm, else single."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            world_size=int(env["WORLD_SIZE"]),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 0:
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "127.0.0.1"
+        return DistEnv(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+            master_addr=_first_host(nodelist),
+            # A port derived from the job id, so concurrent jobs on one node do not collide.
+            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+        )
+    return DistEnv("single", 0, 0, 1, 1, "127.0.0.1", 29500)
+
+
+def free_port() -> int:
+    """An unused TCP port on localhost (for tests and single-node launches)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistEnv:
+    """Initialise ``torch.distributed`` from the launcher's environment; a no-op for a single process.
+
+    ``backend`` defaults to NCCL when CUDA is available and gloo otherwise.
+    """
+    env = detect_environment()
+    if env.world_size == 1 or is_enabled():
+        return env
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    logger.info("distributed: %s rank %d/%d via %s", env.launcher, env.rank, env.world_size, backend)
+    return env

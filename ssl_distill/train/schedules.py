@@ -1,0 +1,105 @@
+"""Per-iteration schedules of the DINOv2 recipe, in closed form.
+
+Every schedule is a pure function of the iteration, so resuming at iteration ``it`` needs no replay. They match
+DINOv2's ``CosineScheduler`` arrays value for value (``freeze`` zeros, then ``np.linspace`` warm-up including its
+end point, then a half cosine from ``base`` to ``final``; ``final`` from ``total_iters`` on).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    """``freeze_iters`` zeros, linear warm-up ``start_warmup_value -> base_value``, cosine ``base -> final``."""
+
+    base_value: float
+    final_value: float
+    total_iters: int
+    warmup_iters: int = 0
+    start_warmup_value: float = 0.0
+    freeze_iters: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_iters + self.freeze_iters > self.total_iters:
+            raise ValueError(
+                f"Schedule warm-up ({self.warmup_iters}) + freeze ({self.freeze_iters}) iterations exceed the "
+                f"{self.total_iters} total iterations: shorten the warm-up epochs or train for more epochs."
+            )
+
+    def __call__(self, it: int) -> float:
+        if it >= self.total_iters:
+            return self.final_value
+        if it < self.freeze_iters:
+            return 0.0
+        it -= self.freeze_iters
+        if it < self.warmup_iters:
+            if self.warmup_iters == 1:  # np.linspace(a, b, 1) == [a]
+                return self.start_warmup_value
+            return self.start_warmup_value + (self.base_value - self.start_warmup_value) * it / (self.warmup_iters - 1)
+        it -= self.warmup_iters
+        n = self.total_iters - self.warmup_iters - self.freeze_iters
+        return self.final_value + 0.5 * (self.base_value - self.final_value) * (1 + math.cos(math.pi * it / n))
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All per-iteration values the training step needs."""
+
+    lr: CosineSchedule
+    last_layer_lr: CosineSchedule
+    wd: CosineSchedule
+    momentum: CosineSchedule
+    teacher_temp: CosineSchedule
+    last_layer_freeze_iters: int
+
+    def at(self, it: int) -> dict[str, float]:
+        last_layer_lr = 0.0 if it < self.last_layer_freeze_iters else self.last_layer_lr(it)
+        return {
+            "lr": self.lr(it),
+            "last_layer_lr": last_layer_lr,
+            "wd": self.wd(it),
+            "momentum": self.momentum(it),
+            "teacher_temp": self.teacher_temp(it),
+        }
+
+
+def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
+    """``optim.lr`` from ``optim.base_lr`` and the global batch size (all ranks together)."""
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024.0)
+    if rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256.0
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"Unknown optim.scaling_rule '{rule}': use sqrt_wrt_1024, linear_wrt_256 or none.")
+
+
+def apply_scaling_rules(cfg: DictConfig, world_size: int) -> float:
+    """Set ``cfg.optim.lr`` from ``base_lr`` and the global batch, as DINOv2 does at start-up. Returns it."""
+    global_batch = cfg.train.batch_size_per_gpu * world_size
+    cfg.optim.lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.scaling_rule)
+    return cfg.optim.lr
+
+
+def build_schedules(cfg: DictConfig) -> Schedules:
+    """The recipe's schedules; ``cfg.optim.lr`` must already be scaled (``apply_scaling_rules``)."""
+    ep = cfg.train.iters_per_epoch
+    total = cfg.optim.epochs * ep
+    lr = CosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * ep)
+    warm_temp = cfg.teacher.warmup_teacher_temp_epochs * ep
+    return Schedules(
+        lr=lr,
+        last_layer_lr=lr,
+        wd=CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
+        momentum=CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total),
+        teacher_temp=CosineSchedule(
+            cfg.teacher.teacher_temp, cfg.teacher.teacher_temp, warm_temp,
+            warmup_iters=warm_temp, start_warmup_value=cfg.teacher.warmup_teacher_temp,
+        ),
+        last_layer_freeze_iters=cfg.optim.freeze_last_layer_epochs * ep,
+    )

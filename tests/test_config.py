@@ -1,0 +1,126 @@
+"""Config layering (defaults -> YAML -> dotlist) and the messages users see for bad keys and values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ssl_distill.config import ConfigError, default_config, load_config, save_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_dinov2_recipe():
+    cfg = default_config()
+    assert (cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim) == (65536, 256, 2048)
+    assert cfg.dino.head_nlayers == 3 and cfg.ibot.head_nlayers == 3
+    assert cfg.dino.koleo_loss_weight == 0.1
+    assert list(cfg.ibot.mask_ratio_min_max) == [0.1, 0.5] and cfg.ibot.mask_sample_probability == 0.5
+    assert (cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher) == (0.992, 1.0)
+    assert (cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp) == (0.04, 0.07)
+    assert cfg.teacher.warmup_teacher_temp_epochs == 30
+    assert (cfg.optim.base_lr, cfg.optim.scaling_rule) == (0.004, "sqrt_wrt_1024")
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.4)
+    assert (cfg.optim.warmup_epochs, cfg.optim.clip_grad, cfg.optim.layerwise_decay) == (10, 3.0, 0.9)
+    assert (cfg.optim.patch_embed_lr_mult, cfg.optim.freeze_last_layer_epochs) == (0.2, 1)
+    assert list(cfg.crops.global_crops_scale) == [0.32, 1.0] and cfg.crops.global_crops_size == 224
+    assert list(cfg.crops.local_crops_scale) == [0.05, 0.32] and cfg.crops.local_crops_size == 96
+    assert cfg.crops.local_crops_number == 8
+    assert (cfg.student.drop_path_rate, cfg.student.layerscale) == (0.3, 1e-5)
+    assert cfg.train.centering == "centering" and cfg.train.iters_per_epoch == 1250
+
+
+def test_section_names_match_dinov2():
+    assert set(default_config().keys()) == {"dino", "ibot", "train", "student", "teacher", "optim", "crops"}
+
+
+def test_layering_defaults_then_yaml_then_dotlist(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("optim:\n  epochs: 7\n  base_lr: 0.001\nstudent:\n  arch: vit_small\n")
+    cfg = load_config(f, ["optim.epochs=9", "crops.local_crops_number=0"])
+    assert cfg.optim.epochs == 9  # dotlist beats YAML
+    assert cfg.optim.base_lr == 0.001  # YAML beats defaults
+    assert cfg.student.arch == "vit_small"
+    assert cfg.crops.local_crops_number == 0
+    assert cfg.optim.warmup_epochs == 10  # untouched default
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
+
+
+def test_save_config_roundtrip(tmp_path):
+    cfg = load_config(None, ["optim.epochs=3", "train.centering=sinkhorn_knopp"])
+    out = save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(out)
+    assert again == cfg
+    assert yaml.safe_load(out.read_text())["train"]["centering"] == "sinkhorn_knopp"
+    assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["optim.bas_lr=0.1"], "Unknown config key 'optim.bas_lr'.*Did you mean 'optim.base_lr'"),
+        (["crops.globl_crops_size=64"], "Did you mean 'crops.global_crops_size'"),
+        (["trian.seed=1"], "Unknown config key 'trian.seed'.*Did you mean 'train.seed'"),
+        (["nonsense=1"], "Unknown config key 'nonsense'.*Valid sections"),
+        (["optim"], "write overrides as key=value"),
+        (["optim.epochs=abc"], "'optim.epochs'.*could not be converted"),
+        (["optim.base_lr=-0.1"], "'optim.base_lr'.*must be > 0"),
+        (["optim.min_lr=-1"], "'optim.min_lr'"),
+        (["optim.lr=-1"], "'optim.lr'.*negative"),
+        (["teacher.momentum_teacher=1.5"], "'teacher.momentum_teacher'.*<= 1"),
+        (["teacher.final_momentum_teacher=-0.1"], "'teacher.final_momentum_teacher'"),
+        (["ibot.mask_ratio_min_max=[0.1,1.2]"], "'ibot.mask_ratio_min_max'.*0.0 <= min <= max <= 1.0"),
+        (["ibot.mask_ratio_min_max=[0.6,0.2]"], "'ibot.mask_ratio_min_max'"),
+        (["ibot.mask_sample_probability=2"], "'ibot.mask_sample_probability'"),
+        (["crops.local_crops_scale=[-0.1,0.3]"], "'crops.local_crops_scale'"),
+        (["crops.global_crops_scale=[0,1]"], "'crops.global_crops_scale'.*> 0"),
+        (["crops.local_crops_size=256"], "'crops.local_crops_size'.*must not be larger than global"),
+        (["crops.global_crops_size=200"], "'crops.global_crops_size'.*not a multiple of student.patch_size=16.*192 or 208"),
+        (["student.patch_size=14"], "'crops.local_crops_size'.*multiple of student.patch_size=14.*84 or 98"),
+        (["student.arch=vit_smal"], "'student.arch'.*Did you mean 'vit_small'"),
+        (["train.centering=sinkhorn"], "'train.centering'.*sinkhorn_knopp"),
+        (["student.ffn_layer=swish"], "'student.ffn_layer'"),
+        (["student.attn_impl=flash"], "'student.attn_impl'"),
+        (["optim.scaling_rule=sqrt"], "'optim.scaling_rule'"),
+        (["train.batch_size_per_gpu=0"], "'train.batch_size_per_gpu'"),
+        (["crops.local_crops_number=-1"], "'crops.local_crops_number'"),
+        (["teacher.teacher_temp=0"], "'teacher.teacher_temp'"),
+        (["optim.layerwise_decay=0"], "'optim.layerwise_decay'"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, overrides)
+
+
+def test_local_crop_size_unchecked_when_no_local_crops():
+    cfg = load_config(None, ["crops.local_crops_number=0", "crops.local_crops_size=256"])
+    assert cfg.crops.local_crops_number == 0
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("optim:\n  warmup_epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"warmup_epoch'.*unknown.yaml.*Did you mean 'optim.warmup_epochs'"):
+        load_config(unknown)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(listy)
+    value_as_section = tmp_path / "leaf.yaml"
+    value_as_section.write_text("optim:\n  lr:\n    value: 3\n")
+    with pytest.raises(ConfigError, match="'optim.lr' is a value, not a section"):
+        load_config(value_as_section)
