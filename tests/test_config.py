@@ -82,7 +82,7 @@ def test_save_config_roundtrip(tmp_path):
         (["crops.local_crops_scale=[-0.1,0.3]"], "'crops.local_crops_scale'"),
         (["crops.global_crops_scale=[0,1]"], "'crops.global_crops_scale'.*> 0"),
         (["crops.local_crops_size=256"], "'crops.local_crops_size'.*must not be larger than global"),
-        (["crops.global_crops_size=200"], "'crops.global_crops_size'.*not a multiple of student.patch_size=16.*192 or 208"),
+        (["crops.global_crops_size=200"], "global_crops_size'.*not a multiple of student.patch_size=16.*192 or 208"),
         (["student.patch_size=14"], "'crops.local_crops_size'.*multiple of student.patch_size=14.*84 or 98"),
         (["student.arch=vit_smal"], "'student.arch'.*Did you mean 'vit_small'"),
         (["train.centering=sinkhorn"], "'train.centering'.*sinkhorn_knopp"),
