@@ -95,6 +95,20 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-sized ``tensor`` from every rank along dim 0, keeping the autograd graph.
+
+    Backward sums each rank's gradient for every slice back to its owner (``torch.distributed.nn``), so a loss
+    computed on the gathered tensor by every rank gets, after DDP's gradient averaging, the gradient of the same
+    loss computed in one process over the whole batch. Alone: returns ``tensor``.
+    """
+    if get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
 def _first_host(nodelist: str) -> str:
     """First host of a Slurm node list: ``node[003-005,7],gpu1`` -> ``node003``."""
     m = re.match(r"^([^\[,]+)(\[([^\]]+)\])?", nodelist.strip())

@@ -39,12 +39,12 @@ def test_section_names_match_dinov2():
 def test_layering_defaults_then_yaml_then_dotlist(tmp_path):
     f = tmp_path / "exp.yaml"
     f.write_text("optim:\n  epochs: 7\n  base_lr: 0.001\nstudent:\n  arch: vit_small\n")
-    cfg = load_config(f, ["optim.epochs=9", "crops.local_crops_number=0"])
+    cfg = load_config(f, ["optim.epochs=9", "crops.local_crops_number=0", "optim.warmup_epochs=2"])
     assert cfg.optim.epochs == 9  # dotlist beats YAML
     assert cfg.optim.base_lr == 0.001  # YAML beats defaults
     assert cfg.student.arch == "vit_small"
     assert cfg.crops.local_crops_number == 0
-    assert cfg.optim.warmup_epochs == 10  # untouched default
+    assert cfg.optim.min_lr == 1e-6  # untouched default
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -54,7 +54,7 @@ def test_shipped_configs_load(path):
 
 
 def test_save_config_roundtrip(tmp_path):
-    cfg = load_config(None, ["optim.epochs=3", "train.centering=sinkhorn_knopp"])
+    cfg = load_config(None, ["optim.epochs=3", "optim.warmup_epochs=1", "train.centering=sinkhorn_knopp"])
     out = save_config(cfg, tmp_path / "run" / "config.yaml")
     again = load_config(out)
     assert again == cfg
@@ -124,3 +124,8 @@ def test_bad_yaml_files(tmp_path):
     value_as_section.write_text("optim:\n  lr:\n    value: 3\n")
     with pytest.raises(ConfigError, match="'optim.lr' is a value, not a section"):
         load_config(value_as_section)
+
+
+def test_warmup_longer_than_training_is_rejected():
+    with pytest.raises(ConfigError, match="'optim.warmup_epochs'.*exceed optim.epochs=3"):
+        load_config(None, ["optim.epochs=3"])

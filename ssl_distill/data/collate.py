@@ -1,0 +1,160 @@
+"""Collate multi-crop samples and iBOT masks into one batch dict (DINOv2, Oquab et al. 2023).
+
+Semantics follow dinov2's ``data/collate.py``: crops are stacked crop-major, and the masked images draw their mask
+ratios stratified over ``linspace(*mask_ratio_tuple, n_masked + 1)`` so every batch spans the whole ratio range.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .masking import MaskingGenerator, torch_seeded_random
+
+__all__ = ["collate_data_and_cast", "MaskingCollator"]
+
+
+def _check_ratios(mask_ratio_tuple: Sequence[float], mask_probability: float) -> None:
+    if len(mask_ratio_tuple) != 2 or not (0.0 <= mask_ratio_tuple[0] <= mask_ratio_tuple[1] <= 1.0):
+        raise ValueError(
+            f"mask_ratio_tuple must be (min, max) with 0 <= min <= max <= 1, got {tuple(mask_ratio_tuple)!r}."
+        )
+    if not (0.0 <= mask_probability <= 1.0):
+        raise ValueError(f"mask_probability must be in [0, 1], got {mask_probability!r}.")
+
+
+def _resolve_tokens(n_tokens: int | None, mask_generator: MaskingGenerator | None, mask_probability: float) -> int:
+    if mask_generator is None:
+        if mask_probability > 0:
+            raise ValueError("mask_probability > 0 needs a mask_generator (e.g. MaskingGenerator(16)).")
+        if n_tokens is None:
+            raise ValueError("pass mask_generator or n_tokens (the number of patch tokens per global crop).")
+        if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 1:
+            raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}.")
+        return n_tokens
+    if n_tokens is None:
+        return mask_generator.num_patches
+    if n_tokens != mask_generator.num_patches:
+        raise ValueError(
+            f"n_tokens ({n_tokens}) must equal the mask generator's num_patches ({mask_generator.num_patches}); "
+            "build the generator over the patch grid of the global crops."
+        )
+    return n_tokens
+
+
+def _stack_crop_major(samples_list: Sequence[tuple[dict, Any]], key: str) -> list[torch.Tensor]:
+    n_crops = len(samples_list[0][0][key])
+    for aug, _ in samples_list:
+        if len(aug[key]) != n_crops:
+            raise ValueError(f"every sample must have the same number of {key} ({n_crops}), got {len(aug[key])}.")
+    return [s[0][key][i] for i in range(n_crops) for s in samples_list]
+
+
+def collate_data_and_cast(
+    samples_list: Sequence[tuple[dict, Any]],
+    mask_ratio_tuple: tuple[float, float],
+    mask_probability: float,
+    dtype: torch.dtype,
+    n_tokens: int | None = None,
+    mask_generator: MaskingGenerator | None = None,
+    rng: random.Random | None = None,
+) -> dict[str, Any]:
+    """Stack crops crop-major and draw iBOT masks for the global crops.
+
+    Args:
+        samples_list: ``[(augmentation_dict, label), ...]`` of length ``B``, each dict from
+            :class:`~ssl_distill.data.MultiCropAugmentation` (``n_g`` global and ``n_l`` local crops).
+        mask_ratio_tuple: ``(min, max)`` fraction of patches to mask in a masked image.
+        mask_probability: fraction of the ``n_g * B`` global crops that get a mask (``int(n_g * B * p)``).
+        dtype: dtype of the returned crops.
+        n_tokens: patches per global crop ``N`` (default: ``mask_generator.num_patches``).
+        mask_generator: a :class:`MaskingGenerator` over the global crops' patch grid.
+        rng: ``random.Random`` for the ratios and the shuffle; default a fresh one seeded from torch's RNG.
+
+    Returns:
+        ``collated_global_crops`` ``(n_g * B, C, G, G)`` — row ``i * B + b`` is crop ``i`` of sample ``b``;
+        ``collated_local_crops`` ``(n_l * B, C, L, L)``, or an empty ``(0,)`` tensor when there are no local
+        crops (its size cannot be known); ``collated_masks`` bool ``(n_g * B, N)``; ``mask_indices_list``
+        ``(M,)`` flat indices of the masked patches; ``masks_weight`` ``(M,)`` = ``1 / masked patches of its
+        image`` (sums to 1 per masked image); ``upperbound`` int >= ``M``; ``n_masked_patches`` long ``(1,)`` = M.
+    """
+    if len(samples_list) == 0:
+        raise ValueError("samples_list is empty; a batch needs at least one sample.")
+    _check_ratios(mask_ratio_tuple, mask_probability)
+    N = _resolve_tokens(n_tokens, mask_generator, mask_probability)
+    rng = rng if rng is not None else torch_seeded_random()
+
+    collated_global_crops = torch.stack(_stack_crop_major(samples_list, "global_crops"))
+    local_crops = _stack_crop_major(samples_list, "local_crops")
+    collated_local_crops = torch.stack(local_crops) if local_crops else torch.empty(0)
+
+    B = len(collated_global_crops)
+    n_samples_masked = int(B * mask_probability)
+    probs = torch.linspace(*mask_ratio_tuple, n_samples_masked + 1)  # float32, as in the reference
+    upperbound = 0
+    masks_list = []
+    for i in range(n_samples_masked):
+        prob_min, prob_max = probs[i], probs[i + 1]
+        masks_list.append(torch.from_numpy(mask_generator(int(N * rng.uniform(prob_min, prob_max)))))
+        upperbound += int(N * prob_max)
+    for _ in range(n_samples_masked, B):
+        masks_list.append(
+            torch.from_numpy(mask_generator(0)) if mask_generator is not None else torch.zeros(N, dtype=torch.bool)
+        )
+    rng.shuffle(masks_list)
+
+    collated_masks = torch.stack(masks_list).flatten(1)
+    mask_indices_list = collated_masks.flatten().nonzero().flatten()
+    masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
+    return {
+        "collated_global_crops": collated_global_crops.to(dtype),
+        "collated_local_crops": collated_local_crops.to(dtype),
+        "collated_masks": collated_masks,
+        "mask_indices_list": mask_indices_list,
+        "masks_weight": masks_weight,
+        "upperbound": upperbound,
+        "n_masked_patches": torch.full((1,), fill_value=mask_indices_list.shape[0], dtype=torch.long),
+    }
+
+
+class MaskingCollator:
+    """Picklable ``collate_fn`` for a ``DataLoader``: ``collator(samples_list)`` = :func:`collate_data_and_cast`.
+
+    Randomness comes from torch's RNG (per call), so DataLoader workers, which torch reseeds per worker, draw
+    different masks; the ``mask_generator`` should therefore be built without an explicit ``rng``.
+    """
+
+    def __init__(
+        self,
+        mask_ratio_tuple: tuple[float, float],
+        mask_probability: float,
+        dtype: torch.dtype,
+        n_tokens: int | None = None,
+        mask_generator: MaskingGenerator | None = None,
+    ) -> None:
+        _check_ratios(mask_ratio_tuple, mask_probability)
+        self.n_tokens = _resolve_tokens(n_tokens, mask_generator, mask_probability)
+        self.mask_ratio_tuple = (float(mask_ratio_tuple[0]), float(mask_ratio_tuple[1]))
+        self.mask_probability = float(mask_probability)
+        self.dtype = dtype
+        self.mask_generator = mask_generator
+
+    def __call__(self, samples_list: Sequence[tuple[dict, Any]]) -> dict[str, Any]:
+        return collate_data_and_cast(
+            samples_list,
+            self.mask_ratio_tuple,
+            self.mask_probability,
+            self.dtype,
+            n_tokens=self.n_tokens,
+            mask_generator=self.mask_generator,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(mask_ratio_tuple={self.mask_ratio_tuple}, "
+            f"mask_probability={self.mask_probability}, dtype={self.dtype}, n_tokens={self.n_tokens}, "
+            f"mask_generator={self.mask_generator!r})"
+        )

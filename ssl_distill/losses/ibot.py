@@ -1,0 +1,142 @@
+"""iBOT masked-patch loss: the student predicts the teacher's soft targets on masked patch tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssl_distill.losses.sinkhorn import CenteredTeacherLoss, sinkhorn_knopp
+
+__all__ = ["iBOTPatchLoss"]
+
+
+def _as_bool_mask(masks: Tensor) -> Tensor:
+    if masks.ndim != 2:
+        raise ValueError(f"student_masks_flat must have shape (B, N), got {tuple(masks.shape)}.")
+    return masks if masks.dtype == torch.bool else masks.bool()
+
+
+class iBOTPatchLoss(CenteredTeacherLoss):
+    """Masked image modelling loss of iBOT (Zhou et al. 2022, "iBOT: Image BERT Pre-Training with Online
+    Tokenizer") as used in DINOv2 (Oquab et al. 2023), with centring (DINO, Caron et al. 2021) or
+    Sinkhorn-Knopp (SwAV, Caron et al. 2020) teachers.
+
+    Shapes: ``B`` images, ``N`` patch tokens each, ``K = patch_out_dim`` prototypes, ``M`` masked tokens in
+    total; ``student_masks_flat`` is ``(B, N)`` bool. The ``center`` buffer has shape ``(1, 1, K)``.
+
+    Each image's loss is the mean over its masked tokens; the batch loss averages images, counting images
+    without masked tokens as 0 (as the reference does). The centre update is lazy, see
+    :class:`~ssl_distill.losses.sinkhorn.CenteredTeacherLoss`; everything also works without
+    ``torch.distributed``.
+    """
+
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        if patch_out_dim < 1:
+            raise ValueError(f"patch_out_dim must be >= 1, got {patch_out_dim}.")
+        if student_temp <= 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}.")
+        super().__init__((1, 1, patch_out_dim), center_momentum)
+        self.patch_out_dim = patch_out_dim
+        self.student_temp = student_temp
+
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_patch_logits: Tensor, teacher_temp: float) -> Tensor:
+        """``softmax((logits - center) / teacher_temp)``: ``(B, N, K)`` or ``(M, K)`` -> same shape.
+
+        Applies any pending centre update first. (The reference returns ``(1, M, K)`` for ``(M, K)`` input.)
+        """
+        return self._centered_softmax(teacher_patch_logits, teacher_temp)
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self,
+        teacher_logits: Tensor,
+        teacher_temp: float,
+        n_masked_patches_tensor: Tensor,
+        n_iterations: int = 3,
+    ) -> Tensor:
+        """Sinkhorn-Knopp targets for this rank's masked tokens: ``(M_local, K)`` -> ``(M_local, K)`` fp32.
+
+        ``n_masked_patches_tensor`` (one number, this rank's ``M_local``) is summed over ranks on a copy to
+        give the global ``B``; the caller's tensor is left unchanged (the reference all-reduces it in place).
+        """
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples=n_masked_patches_tensor)
+
+    @torch.no_grad()
+    def update_center(self, teacher_patch_logits: Tensor) -> None:
+        """Record ``sum_b mean_n teacher_patch_logits[b, n]`` of a ``(B, N, K)`` batch for the lazy EMA update.
+
+        The update divides by ``B * world_size`` (reference semantics).
+        """
+        if teacher_patch_logits.ndim != 3 or teacher_patch_logits.shape[-1] != self.patch_out_dim:
+            raise ValueError(
+                f"iBOTPatchLoss.update_center expects teacher logits of shape (B, N, {self.patch_out_dim}), got "
+                f"{tuple(teacher_patch_logits.shape)}; for masked tokens (M, K) pass logits.unsqueeze(0)."
+            )
+        x = teacher_patch_logits.detach().to(self.center.dtype)
+        self._start_center_update(torch.sum(x.mean(1), dim=0, keepdim=True), len(x))
+
+    def _token_log_likelihood(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
+        """``sum_k t * log_softmax(s / student_temp)`` over the last dim: ``(..., K)`` -> ``(...)``."""
+        if student_logits.shape != teacher_probs.shape:
+            raise ValueError(
+                f"student logits {tuple(student_logits.shape)} and teacher probabilities "
+                f"{tuple(teacher_probs.shape)} must have the same shape."
+            )
+        return torch.sum(teacher_probs * F.log_softmax(student_logits / self.student_temp, dim=-1), dim=-1)
+
+    def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor) -> Tensor:
+        """Loss on full token grids.
+
+        Args:
+            student_patch_logits: ``(B, N, K)``.
+            teacher_patch_probs: ``(B, N, K)``.
+            student_masks_flat: ``(B, N)`` bool, True where the student's patch was masked.
+
+        Returns:
+            Scalar ``-mean_b [sum_n mask * sum_k t log_softmax(s / temp) / max(sum_n mask, 1)]``.
+        """
+        masks = _as_bool_mask(student_masks_flat)
+        loss = self._token_log_likelihood(student_patch_logits, teacher_patch_probs)  # (B, N)
+        if loss.shape != masks.shape:
+            raise ValueError(f"tokens {tuple(loss.shape)} and student_masks_flat {tuple(masks.shape)} differ.")
+        mask_f = masks.to(loss.dtype)
+        loss = torch.sum(loss * mask_f, dim=-1) / mask_f.sum(dim=-1).clamp(min=1.0)
+        return -loss.mean()
+
+    def forward_masked(
+        self,
+        student_logits: Tensor,
+        teacher_probs: Tensor,
+        student_masks_flat: Tensor,
+        n_masked_patches: int | Tensor | None = None,
+        masks_weight: Tensor | None = None,
+    ) -> Tensor:
+        """Loss on masked tokens only, gathered as ``tokens[student_masks_flat]`` (row-major order).
+
+        Args:
+            student_logits: ``(M', K)`` student logits of the masked tokens (``M' >= n_masked_patches``).
+            teacher_probs: ``(M', K)`` teacher targets of the same tokens.
+            student_masks_flat: ``(B, N)`` bool masks.
+            n_masked_patches: if given, only the first ``n`` tokens count (drops padding rows).
+            masks_weight: ``(n,)`` per-token weights; default ``1 / max(masked tokens of its image, 1)``.
+
+        Returns:
+            Scalar ``-sum_m w_m * sum_k t log_softmax(s / temp) / B``: each image's mean over its masked
+            tokens, averaged over all ``B`` images (the reference's weighting).
+        """
+        masks = _as_bool_mask(student_masks_flat)
+        loss = self._token_log_likelihood(student_logits, teacher_probs)  # (M',)
+        if masks_weight is None:
+            per_image = 1.0 / masks.sum(-1).clamp(min=1).to(loss.dtype)
+            masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
+        if n_masked_patches is not None:
+            loss = loss[: int(n_masked_patches)]
+        if loss.shape != masks_weight.shape:
+            raise ValueError(
+                f"{loss.shape[0]} masked-token losses but {masks_weight.shape[0]} weights; pass "
+                "n_masked_patches = number of real masked tokens (student_masks_flat.sum()) or a matching "
+                "masks_weight."
+            )
+        return -(loss * masks_weight).sum() / masks.shape[0]

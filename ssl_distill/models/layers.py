@@ -1,0 +1,193 @@
+"""ViT building blocks with the DINOv2 parameter layout.
+
+PatchEmbed and the pre-norm Block follow ViT (Dosovitskiy et al., 2021); LayerScale follows CaiT (Touvron et al.,
+2021); stochastic depth follows Huang et al. (2016); the SwiGLU feed-forward follows Shazeer (2020) as used by
+DINOv2 (Oquab et al., 2023).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_distill.models.attention import Attention
+
+FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
+
+
+def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
+    """Per-sample stochastic depth: zero whole samples with prob ``drop_prob``, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    return x * mask
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016), timm style: each sample's residual branch is dropped independently.
+
+    The DINOv2 reference instead drops a random batch subset per block; both are equal in expectation.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scaling ``x * gamma`` (CaiT); ``gamma`` ``(D,)`` starts at ``init_values``."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.init_values = init_values
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.gamma, self.init_values)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class PatchEmbed(nn.Module):
+    """Image ``(B, C, H, W)`` -> patch tokens ``(B, H/p * W/p, D)`` through a stride-``p`` Conv2d ``proj``.
+
+    ``H`` and ``W`` must be multiples of the patch size ``p``; ``img_size`` only sets ``num_patches`` (the size of
+    the learned position grid), other sizes are handled by position-embedding interpolation.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.grid_size = img_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p != 0 or W % p != 0:
+            raise ValueError(
+                f"input size {H}x{W} is not a multiple of the patch size {p}; "
+                f"resize or crop the images to multiples of {p}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward ``fc2(GELU(fc1(x)))``: ``(..., D)`` -> ``(..., out_features or D)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwiGLUFFNFused(nn.Module):
+    """SwiGLU feed-forward ``w3(silu(x1) * x2)`` with ``x1, x2 = w12(x).chunk(2)`` (Shazeer, 2020; DINOv2).
+
+    The hidden size is shrunk to ``(int(hidden * 2 / 3) + 7) // 8 * 8`` to keep the parameter count of an MLP,
+    exactly as the DINOv2 ``SwiGLUFFNFused``; parameters are ``w12`` ``(2*hidden', D)`` and ``w3`` ``(D, hidden')``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
+        self.w3 = nn.Linear(hidden_features, out_features, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
+def make_ffn(name: str, dim: int, hidden: int, bias: bool = True) -> nn.Module:
+    """Feed-forward by name: ``"mlp"`` -> :class:`Mlp`; ``"swiglu"``/``"swiglufused"`` -> :class:`SwiGLUFFNFused`
+    (both names map to the fused module, as in the official DINOv2 code)."""
+    if name == "mlp":
+        return Mlp(dim, hidden, bias=bias)
+    if name in ("swiglu", "swiglufused"):
+        return SwiGLUFFNFused(dim, hidden, bias=bias)
+    raise ValueError(f"unknown ffn_layer {name!r}; choose one of {', '.join(FFN_LAYERS)}")
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + ls1(attn(norm1(x)))`` then ``x + ls2(mlp(norm2(x)))``.
+
+    Tokens ``(B, N, D)`` -> ``(B, N, D)``. ``init_values`` None or 0 disables LayerScale (``ls1``/``ls2`` are
+    Identity, so there are no ``gamma`` parameters). LayerNorm eps is 1e-6 as in DINOv2.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        drop_path: float = 0.0,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, impl=attn_impl)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = make_ffn(ffn_layer, dim, int(dim * mlp_ratio), bias=ffn_bias)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward_list(self, xs: list[Tensor]) -> list[Tensor]:
+        """Run the block over crops of different resolutions: ``[(B_i, N_i, D)]`` -> same shapes.
+
+        Attention is per resolution; today norms and MLP are too. A packed pass (tokens of all crops concatenated
+        for the norms/MLP, block-diagonal attention) can replace this one method without touching callers.
+        """
+        return [self.forward(x) for x in xs]

@@ -1,0 +1,331 @@
+"""Vision Transformer backbone with the DINOv2 state-dict layout.
+
+ViT (Dosovitskiy et al., 2021) as trained by DINOv2 (Oquab et al., 2023): iBOT mask tokens (Zhou et al., 2022),
+register tokens (Darcet et al., 2024), LayerScale, bicubic position-embedding interpolation with DINOv2's
+``interpolate_offset``. Official DINOv2 checkpoints load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_distill.models.attention import check_attn_impl
+from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed
+
+FeatureDict = dict[str, Any]
+
+
+def _init_weights_vit_timm(module: nn.Module) -> None:
+    """timm ViT init: Linear weights trunc-normal std 0.02, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone; see :func:`forward_features` for the outputs.
+
+    Tokens are ordered ``[CLS, registers (R), patches (N)]``. The learned position embedding covers CLS and an
+    ``img_size / patch_size`` square patch grid and is bicubically interpolated for other input sizes (the CLS
+    position is added before the registers are inserted, so registers carry no position). ``head`` is Identity.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_bias: bool = True,
+        proj_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        init_values: float | None = None,
+        ffn_layer: str = "mlp",
+        num_register_tokens: int = 0,
+        interpolate_antialias: bool = False,
+        interpolate_offset: float = 0.1,
+        attn_impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {', '.join(FFN_LAYERS)}")
+        check_attn_impl(attn_impl)
+        if num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
+        self.num_features = self.embed_dim = embed_dim
+        self.num_tokens = 1
+        self.n_blocks = depth
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_register_tokens = num_register_tokens
+        self.interpolate_antialias = interpolate_antialias
+        self.interpolate_offset = interpolate_offset
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_tokens, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+
+        if drop_path_uniform:
+            dpr = [drop_path_rate] * depth
+        else:
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
+                  drop_path=dpr[i], init_values=init_values, ffn_layer=ffn_layer, attn_impl=attn_impl)
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Reference init: pos_embed trunc-normal(0.02), cls/register tokens normal(1e-6), mask token 0, Linear
+        trunc-normal(0.02) with zero bias; LayerScale gammas keep ``init_values``."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        self.apply(_init_weights_vit_timm)
+
+    def set_attn_impl(self, name: str) -> None:
+        """Switch the attention kernel of every block (``"auto"``, ``"sdpa"``, ``"xformers"``, ``"math"``)."""
+        check_attn_impl(name)
+        for blk in self.blocks:
+            blk.attn.set_impl(name)
+
+    # ---------------------------------------------------------------- tokens
+    def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:
+        """Position embedding ``(1, 1 + N, D)`` for tokens ``x`` ``(B, 1 + N, D)`` of an image with ``w`` rows and
+        ``h`` columns of pixels (DINOv2 naming), bicubically resampled from the learned square grid."""
+        previous_dtype = x.dtype
+        npatch = x.shape[1] - 1
+        N = self.pos_embed.shape[1] - 1
+        if npatch == N and w == h:
+            return self.pos_embed
+        pos_embed = self.pos_embed.float()
+        class_pos_embed = pos_embed[:, 0]
+        patch_pos_embed = pos_embed[:, 1:]
+        dim = x.shape[-1]
+        w0, h0 = w // self.patch_size, h // self.patch_size
+        M = int(math.sqrt(N))
+        assert N == M * M, f"position grid of {N} patches is not square"
+        kwargs: dict[str, Any] = {}
+        if self.interpolate_offset:
+            # The small offset avoids floating-point error in the interpolation (DINO / DINOv2).
+            sx = float(w0 + self.interpolate_offset) / M
+            sy = float(h0 + self.interpolate_offset) / M
+            kwargs["scale_factor"] = (sx, sy)
+        else:
+            kwargs["size"] = (w0, h0)
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2),
+            mode="bicubic",
+            antialias=self.interpolate_antialias,
+            **kwargs,
+        )
+        assert (w0, h0) == tuple(patch_pos_embed.shape[-2:]), "position-embedding interpolation size mismatch"
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+    def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
+        """Images ``(B, C, H, W)`` (+ bool ``masks`` ``(B, N)``, True = replace by ``mask_token``) -> tokens
+        ``(B, 1 + R + N, D)`` ordered ``[CLS, registers, patches]`` with position embeddings added."""
+        B, nc, w, h = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            if masks.shape != x.shape[:2]:
+                raise ValueError(
+                    f"masks must have shape (batch, num_patches) = {tuple(x.shape[:2])}, got {tuple(masks.shape)}"
+                )
+            if masks.dtype != torch.bool:
+                raise TypeError(f"masks must be a bool tensor (True = masked patch), got dtype {masks.dtype}")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.interpolate_pos_encoding(x, w, h)
+        if self.register_tokens is not None:
+            x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        return x
+
+    def _run_blocks(self, xs: list[Tensor]) -> list[Tensor]:
+        """All blocks over a list of token batches (one per resolution). A packed implementation replaces
+        :meth:`Block.forward_list` without touching this loop."""
+        for blk in self.blocks:
+            xs = blk.forward_list(xs)
+        return xs
+
+    def _output_dict(self, x: Tensor, masks: Tensor | None) -> FeatureDict:
+        x_norm = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": x_norm[:, 0],
+            "x_norm_regtokens": x_norm[:, 1 : r + 1],
+            "x_norm_patchtokens": x_norm[:, r + 1 :],
+            "x_prenorm": x,
+            "masks": masks,
+        }
+
+    # --------------------------------------------------------------- forward
+    def forward_features(
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+    ) -> FeatureDict | list[FeatureDict]:
+        """Features of a batch ``x`` ``(B, C, H, W)`` with optional bool ``masks`` ``(B, N)``.
+
+        Returns a dict: ``x_norm_clstoken`` ``(B, D)``, ``x_norm_regtokens`` ``(B, R, D)``,
+        ``x_norm_patchtokens`` ``(B, N, D)``, ``x_prenorm`` ``(B, 1 + R + N, D)`` and ``masks``.
+        ``x`` may be a list of batches of different resolutions (e.g. global and local crops) with a matching list
+        of masks (entries may be None); the result is then a list of dicts. Attention runs per resolution.
+        """
+        if isinstance(x, (list, tuple)):
+            return self.forward_features_list(list(x), masks)
+        if isinstance(masks, (list, tuple)):
+            raise TypeError("a list of masks needs a list of image batches; pass masks as one (B, N) tensor")
+        tokens = self._run_blocks([self.prepare_tokens_with_masks(x, masks)])[0]
+        return self._output_dict(tokens, masks)
+
+    def forward_features_list(
+        self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None
+    ) -> list[FeatureDict]:
+        """:meth:`forward_features` for a list of batches (see there)."""
+        if masks_list is None:
+            masks_list = [None] * len(x_list)
+        if not isinstance(masks_list, (list, tuple)) or len(masks_list) != len(x_list):
+            raise ValueError(
+                f"with a list of {len(x_list)} image batches, masks must be None or a list of the same length "
+                "(entries may be None)"
+            )
+        xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        xs = self._run_blocks(xs)
+        return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
+
+    def forward(
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, is_training: bool = False
+    ) -> Tensor | list[Tensor] | FeatureDict | list[FeatureDict]:
+        """``head(x_norm_clstoken)`` ``(B, D)`` (head is Identity), or the feature dict(s) when ``is_training``."""
+        ret = self.forward_features(x, masks)
+        if is_training:
+            return ret
+        if isinstance(ret, list):
+            return [self.head(r["x_norm_clstoken"]) for r in ret]
+        return self.head(ret["x_norm_clstoken"])
+
+    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n} blocks requested but the model has {depth}; use 1 <= n <= {depth}")
+            return list(range(depth - n, depth))
+        idx = [int(i) for i in n]
+        bad = [i for i in idx if not 0 <= i < depth]
+        if bad:
+            raise ValueError(f"block indices {bad} out of range for a model with {depth} blocks (0..{depth - 1})")
+        return idx
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[Tensor, ...] | tuple[tuple[Tensor, Tensor], ...]:
+        """Patch tokens of intermediate blocks, as in DINOv2.
+
+        Args:
+            x: images ``(B, C, H, W)``.
+            n: int -> the last ``n`` blocks; sequence -> those block indices (output in the given order).
+            reshape: return ``(B, D, H/p, W/p)`` maps instead of ``(B, N, D)`` tokens.
+            return_class_token: return ``(patch_tokens, cls_token (B, D))`` pairs.
+            norm: apply the final LayerNorm to each output.
+
+        Returns:
+            a tuple with one entry per requested block (CLS and register tokens stripped from patch outputs).
+        """
+        wanted = self._block_indices(n)
+        tokens = self.prepare_tokens_with_masks(x)
+        taken: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
+            tokens = blk(tokens)
+            if i in wanted:
+                taken[i] = tokens
+        outputs = [taken[i] for i in wanted]
+        if norm:
+            outputs = [self.norm(out) for out in outputs]
+        class_tokens = [out[:, 0] for out in outputs]
+        outputs = [out[:, 1 + self.num_register_tokens :] for out in outputs]
+        if reshape:
+            B, _, H, W = x.shape
+            p = self.patch_size
+            outputs = [out.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
+        if return_class_token:
+            return tuple(zip(outputs, class_tokens))
+        return tuple(outputs)
+
+    def get_last_self_attention(self, x: Tensor) -> Tensor:
+        """Attention weights ``(B, H, T, T)`` of the last block (T = 1 + R + N), e.g. for CLS attention maps."""
+        tokens = self.prepare_tokens_with_masks(x)
+        for blk in self.blocks[:-1]:
+            tokens = blk(tokens)
+        last = self.blocks[-1]
+        _, weights = last.attn(last.norm1(tokens), return_attention=True)
+        return weights
+
+
+def _vit(patch_size: int, kwargs: dict[str, Any], **arch: Any) -> VisionTransformer:
+    """Shared factory body: ``kwargs`` may override the architecture defaults (e.g. ``depth`` in tests)."""
+    return VisionTransformer(patch_size=patch_size, **{**arch, **kwargs})
+
+
+def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-Ti: width 192, depth 12, 3 heads."""
+    return _vit(patch_size, kwargs, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
+
+
+def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-S: width 384, depth 12, 6 heads."""
+    return _vit(patch_size, kwargs, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
+
+
+def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-B: width 768, depth 12, 12 heads."""
+    return _vit(patch_size, kwargs, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+
+
+def vit_large(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-L: width 1024, depth 24, 16 heads."""
+    return _vit(patch_size, kwargs, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)
+
+
+def vit_giant2(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
+    """ViT-g/2 (DINOv2): width 1536, depth 40, 24 heads (64 per head); DINOv2 trains it with
+    ``ffn_layer="swiglufused"``."""
+    return _vit(patch_size, kwargs, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0)
+
+
+BACKBONE_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
+
+
+def build_backbone(name: str, **kwargs: Any) -> VisionTransformer:
+    """Backbone by factory name (one of :data:`BACKBONE_NAMES`), forwarding ``kwargs`` to the factory."""
+    factories = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
+                 "vit_giant2": vit_giant2}
+    if name not in factories:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
+    return factories[name](**kwargs)
