@@ -27,6 +27,150 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _setup_run_logging(output_dir: str, verbose: bool) -> None:
+    """Rank 0 logs to the console; every rank logs to ``output_dir/logs/rank{r}.log``."""
+    from pathlib import Path
+
+    from ssl_distill import distributed
+
+    rank = distributed.detect_environment().rank
+    root = logging.getLogger()
+    if rank != 0:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+    log_dir = Path(output_dir) / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ssl_distill.config import load_config
+    from ssl_distill.data import BrokenImageError
+    from ssl_distill.train.trainer import TrainingDiverged, train
+
+    cfg = load_config(args.config_file, args.opts)
+    if not cfg.train.dataset_path:
+        raise UserError("train.dataset_path is empty: add train.dataset_path=/path/to/images (folder or list file).")
+    _setup_run_logging(args.output_dir, args.verbose)
+    try:
+        summary = train(cfg, args.output_dir, resume=not args.no_resume)
+    except (FileNotFoundError, BrokenImageError) as exc:
+        raise UserError(str(exc)) from None
+    except TrainingDiverged as exc:
+        print(f"ssl-distill train: training diverged: {exc}", file=sys.stderr)
+        return 1
+    logger.info("done: %s", summary)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ssl_distill.train.checkpoint import export_backbone
+
+    try:
+        path = export_backbone(args.checkpoint, args.output, which=args.which)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {args.which} backbone (official DINOv2 key layout) to {path}")
+    return 0
+
+
+def _run_eval(args: argparse.Namespace, which: str) -> int:
+    """Run ``eval-knn`` / ``eval-linear``; user mistakes (datasets, weights, broken images) become one line."""
+    from ssl_distill.data import BrokenImageError
+    from ssl_distill.eval import commands
+    from ssl_distill.eval.data import EvalInputError
+
+    run = commands.run_knn_command if which == "knn" else commands.run_linear_command
+    try:
+        return run(args)
+    except (EvalInputError, BrokenImageError) as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    return _run_eval(args, "knn")
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    return _run_eval(args, "linear")
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ssl_distill.hub import registry
+
+    if args.json:
+        import json
+
+        rows = [{"name": e.name, "arch": e.arch, "arch_kwargs": dict(e.arch_kwargs), "params": e.params,
+                 "knn_top1": e.knn_top1, "linear_top1": e.linear_top1, "license": e.license,
+                 "url": e.url() if e.path else None, "sha256": e.sha256, "timm_name": e.timm_name}
+                for e in registry.MODELS.values()]
+        print(json.dumps(rows, indent=2))
+    else:
+        print(registry.format_table())
+        print("\nImageNet-1k top-1 (%) of frozen features as published (facebookresearch/dinov2). "
+              "Load with ssl_distill.hub.load(NAME); fetch with `ssl-distill download NAME`.")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from ssl_distill.hub import HubError, download, sha256_file
+
+    try:
+        for name in args.names:
+            path = download(name, args.dest, progress=False if args.quiet else None)
+            print(f"{name}: {path}" + (f"  sha256={sha256_file(path)}" if args.sha256 else ""))
+    except HubError as exc:
+        raise UserError(str(exc)) from None
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ssl_distill.hub import HubError, convert_file
+
+    try:
+        path = convert_file(args.input, args.output, src=args.src, dst=args.dst)
+    except HubError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {args.dst} layout to {path}")
+    return 0
+
+
+def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    """``models``, ``download`` and ``convert`` (model zoo, ssl_distill.hub)."""
+    models = sub.add_parser("models", help="list the model zoo (architecture, params, published accuracy, licence)")
+    models.add_argument("--json", action="store_true", help="machine-readable output with URLs and sha256")
+    models.set_defaults(func=cmd_models)
+
+    dl = sub.add_parser(
+        "download", help="download zoo weights into the cache (resumable, verified)",
+        description="Downloads into $SSL_DISTILL_HOME/checkpoints (default ~/.cache/ssl_distill/checkpoints). "
+        "Interrupted downloads resume. SSL_DISTILL_BASE_URL points the zoo at a mirror; SSL_DISTILL_OFFLINE=1 "
+        "never touches the network.",
+    )
+    dl.add_argument("names", nargs="+", metavar="NAME", help="model names (see `ssl-distill models`)")
+    dl.add_argument("--dest", default=None, help="directory to download into instead of the cache")
+    dl.add_argument("--sha256", action="store_true", help="print each file's sha256 (for registering checkpoints)")
+    dl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    dl.set_defaults(func=cmd_download)
+
+    conv = sub.add_parser(
+        "convert", help="convert backbone weights between DINOv2 (ssl_distill), timm and Hugging Face layouts",
+        description="Reads .pth/.safetensors (or one of our training checkpoints: its teacher backbone) and writes "
+        "the requested layout atomically; OUT ending in .safetensors writes safetensors.",
+    )
+    conv.add_argument("--from", dest="src", default="auto", choices=("auto", "dinov2", "ssl_distill", "timm", "hf"),
+                      help="layout of IN (default: detect)")
+    conv.add_argument("--to", dest="dst", default="ssl_distill", choices=("ssl_distill", "dinov2", "timm", "hf"),
+                      help="layout of OUT (ssl_distill = official DINOv2 layout)")
+    conv.add_argument("input", metavar="IN", help="input weights file")
+    conv.add_argument("output", metavar="OUT", help="output weights file")
+    conv.set_defaults(func=cmd_convert)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ssl_distill.demo import run_demo
 
@@ -41,6 +185,44 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     sub.required = True
+
+    train = sub.add_parser(
+        "train", help="pretrain a ViT (resumes automatically from the latest checkpoint in --output-dir)",
+        description="Pretrain with the DINOv2 recipe. Launch with torchrun for several processes; "
+        "`ssl-distill submit ... train` for Slurm.",
+    )
+    _add_config_args(train)
+    train.add_argument("--output-dir", required=True, help="checkpoints, metrics, config.yaml and logs go here")
+    train.add_argument("--no-resume", action="store_true", help="start over even if --output-dir has checkpoints")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="write a checkpoint's teacher backbone as an official-layout state dict")
+    export.add_argument("--checkpoint", required=True, help="a training checkpoint (model_XXXXXXX.pth)")
+    export.add_argument("--output", required=True, help="output .pth file")
+    export.add_argument("--which", choices=("teacher", "student"), default="teacher", help="which backbone")
+    export.set_defaults(func=cmd_export)
+
+    from ssl_distill.eval.commands import add_knn_args, add_linear_args  # argparse only, no torch
+
+    knn = sub.add_parser(
+        "eval-knn", help="weighted k-NN accuracy of a frozen backbone on a labelled image folder",
+        description="L2-normalised CLS features, cosine similarity, votes weighted by exp(sim / T); "
+        "writes OUTPUT_DIR/results_eval_knn.json.",
+    )
+    add_knn_args(knn)
+    _add_config_args(knn)
+    knn.set_defaults(func=cmd_eval_knn)
+
+    linear = sub.add_parser(
+        "eval-linear", help="linear-probe accuracy of a frozen backbone (a grid of heads, best on val)",
+        description="Trains lr x last-1/4-blocks x avgpool linear heads from one backbone forward; writes "
+        "OUTPUT_DIR/results_eval_linear.json and OUTPUT_DIR/best_linear_head.pth.",
+    )
+    add_linear_args(linear)
+    _add_config_args(linear)
+    linear.set_defaults(func=cmd_eval_linear)
+
+    _add_hub_commands(sub)
 
     demo = sub.add_parser("demo", help="run the built-in demo on bundled data and print the result")
     _add_config_args(demo)

@@ -31,6 +31,10 @@ FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
 CENTERINGS = ("centering", "sinkhorn_knopp")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+BAD_IMAGE_POLICIES = ("skip", "error")
+SHARDINGS = ("ddp", "fsdp")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -68,6 +72,13 @@ class TrainConfig:
     num_workers: int = 10
     iters_per_epoch: int = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH
     centering: str = "centering"  # or "sinkhorn_knopp"
+    bad_image_policy: str = "skip"  # skip (log once, substitute, count) | error
+    sharding: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block)
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)
+    checkpoint_period: int = 1000  # iterations between checkpoints (one is also written at the end)
+    keep_last_checkpoints: int = 3
+    log_period: int = 10  # iterations between metric lines
 
 
 @dataclass
@@ -262,12 +273,18 @@ def validate_config(cfg: DictConfig) -> None:
     _check_choice(cfg, "student.attn_impl", ATTN_IMPLS)
     _check_choice(cfg, "train.centering", CENTERINGS)
     _check_choice(cfg, "optim.scaling_rule", SCALING_RULES)
+    _check_choice(cfg, "train.bad_image_policy", BAD_IMAGE_POLICIES)
+    _check_choice(cfg, "train.sharding", SHARDINGS)
+    _check_choice(cfg, "train.device", DEVICES)
+    _check_choice(cfg, "train.precision", PRECISIONS)
     for key in ("student.patch_size", "train.batch_size_per_gpu", "train.iters_per_epoch", "optim.epochs",
+                "train.checkpoint_period", "train.log_period",
                 "crops.global_crops_size", "crops.local_crops_size", "dino.head_n_prototypes",
                 "dino.head_bottleneck_dim", "dino.head_nlayers", "dino.head_hidden_dim",
                 "ibot.head_n_prototypes", "ibot.head_bottleneck_dim", "ibot.head_nlayers", "ibot.head_hidden_dim"):
         _check_range(cfg, key, 1)
-    for key in ("train.num_workers", "crops.local_crops_number", "student.num_register_tokens",
+    for key in ("train.num_workers", "train.keep_last_checkpoints", "crops.local_crops_number",
+                "student.num_register_tokens",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs",
                 "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.min_lr",
                 "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "student.layerscale"):

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -95,18 +96,23 @@ def all_gather_cat(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_with_grad(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Concatenate equal-sized ``tensor`` from every rank along dim 0, keeping the autograd graph.
 
     Backward sums each rank's gradient for every slice back to its owner (``torch.distributed.nn``), so a loss
     computed on the gathered tensor by every rank gets, after DDP's gradient averaging, the gradient of the same
-    loss computed in one process over the whole batch. Alone: returns ``tensor``.
+    loss computed in one process over the whole batch. ``group``: a process group (default: the world).
+    Alone: returns ``tensor``.
     """
     if get_world_size() == 1:
         return tensor
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor), dim=0)
+    with warnings.catch_warnings():  # deprecated in favour of a private module; the public one is still exact
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(tensor, group=group or dist.group.WORLD), dim=0)
 
 
 def _first_host(nodelist: str) -> str:

@@ -29,3 +29,15 @@ def seed_all() -> Callable[[int], None]:
         random.seed(seed)
 
     return _seed
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory, photos) -> str:
+    """A flat folder of 48 real JPEG photos (rotated/cropped variants of the bundled ones), for training runs."""
+    root = tmp_path_factory.mktemp("photo_folder")
+    for i in range(48):
+        img = photos[i % len(photos)].convert("RGB")
+        w, h = img.size
+        box = (i * 7 % (w // 3), i * 5 % (h // 3), w - i * 3 % (w // 3), h - i * 11 % (h // 3))
+        img.crop(box).rotate(i * 7.5).resize((64, 64)).save(root / f"photo_{i:03d}.jpg", quality=90)
+    return str(root)

@@ -340,3 +340,19 @@ def test_koleo_duplicated_rows_finite_value_and_grad():
 def test_koleo_rejects_batch_of_one():
     with pytest.raises(ValueError, match="at least 2 samples"):
         KoLeoLoss()(torch.randn(1, 4))
+
+
+def test_ibot_center_masked_uses_global_token_mean():
+    from ssl_distill.losses import iBOTPatchLoss
+
+    torch.manual_seed(0)
+    loss = iBOTPatchLoss(6, center_momentum=0.75)
+    tokens = torch.randn(11, 6)
+    loss.update_center_masked(tokens)
+    loss.apply_center_update()
+    expected = 0.25 * tokens.double().mean(0, keepdim=True)  # 0.75 * 0 + 0.25 * mean
+    torch.testing.assert_close(loss.center.double().reshape(1, 6), expected, rtol=1e-6, atol=1e-7)
+    before = loss.center.clone()
+    loss.update_center_masked(torch.empty(0, 6))  # no masked tokens anywhere: no update
+    loss.apply_center_update()
+    assert torch.equal(loss.center, before)

@@ -43,7 +43,11 @@ def _compute(data: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[
     ibot.update_center(shard(data["ibot_patches"]))
     ibot.apply_center_update()
     n_masked_before = n_masked.clone()
+    ibot_masked_center = iBOTPatchLoss(12)
+    ibot_masked_center.update_center_masked(masked)  # uneven token counts per rank (7 vs 3)
+    ibot_masked_center.apply_center_update()
     return {
+        "ibot_masked_center": ibot_masked_center.center.clone(),
         "dino_center": dino.center.clone(),
         "ibot_center": ibot.center.clone(),
         "dino_sk": dino.sinkhorn_knopp_teacher(shard(data["dino_1"]), TEACHER_TEMP),
@@ -66,6 +70,7 @@ def test_two_ranks_match_one_process(tmp_path):
         assert r["n_masked_unchanged"]
         torch.testing.assert_close(r["dino_center"], single["dino_center"], atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(r["ibot_center"], single["ibot_center"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(r["ibot_masked_center"], single["ibot_masked_center"], atol=1e-6, rtol=1e-6)
     for key in ("dino_sk", "ibot_sk", "ibot_sk_solo"):
         merged = torch.cat([ranks[0][key], ranks[1][key]])
         torch.testing.assert_close(merged, single[key], atol=1e-6, rtol=1e-5, msg=key)

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from .masking import MaskingGenerator, torch_seeded_random
+from .samplers import derive_seed
 
-__all__ = ["collate_data_and_cast", "MaskingCollator"]
+__all__ = ["collate_data_and_cast", "MaskingCollator", "TrainingCollator"]
 
 
 def _check_ratios(mask_ratio_tuple: Sequence[float], mask_probability: float) -> None:
@@ -105,13 +106,20 @@ def collate_data_and_cast(
             torch.from_numpy(mask_generator(0)) if mask_generator is not None else torch.zeros(N, dtype=torch.bool)
         )
     rng.shuffle(masks_list)
+    return _batch_dict(collated_global_crops, collated_local_crops, masks_list, upperbound, dtype)
 
+
+def _batch_dict(
+    global_crops: torch.Tensor, local_crops: torch.Tensor, masks_list: list[torch.Tensor], upperbound: int,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The batch dict of :func:`collate_data_and_cast` from stacked crops and one mask per global crop."""
     collated_masks = torch.stack(masks_list).flatten(1)
     mask_indices_list = collated_masks.flatten().nonzero().flatten()
     masks_weight = (1 / collated_masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(collated_masks)[collated_masks]
     return {
-        "collated_global_crops": collated_global_crops.to(dtype),
-        "collated_local_crops": collated_local_crops.to(dtype),
+        "collated_global_crops": global_crops.to(dtype),
+        "collated_local_crops": local_crops.to(dtype),
         "collated_masks": collated_masks,
         "mask_indices_list": mask_indices_list,
         "masks_weight": masks_weight,
@@ -158,3 +166,70 @@ class MaskingCollator:
             f"mask_probability={self.mask_probability}, dtype={self.dtype}, n_tokens={self.n_tokens}, "
             f"mask_generator={self.mask_generator!r})"
         )
+
+
+class TrainingCollator:
+    """``collate_fn`` for training: like :class:`MaskingCollator`, but every random draw is a pure function of
+    ``(seed, global sample position)``, so a batch is the same on any number of ranks and after a resume.
+
+    Samples are the dicts of :class:`~ssl_distill.data.pipeline.SeededMultiCropDataset` (``crops``, ``position``,
+    ``broken``). Mask ratios are stratified over the **global** batch (``global_batch_size`` samples: every rank
+    computes the same seeded assignment of its crops to the strata of ``linspace(*mask_ratio_tuple, n + 1)``,
+    ``n = int(n_global_crops * global_batch_size * mask_probability)``), instead of over each rank's share as in
+    the reference; each crop's ratio and block layout come from its own seeded ``random.Random``. Adds
+    ``positions`` (long ``(B,)``) and ``n_broken`` (long ``(1,)``, substituted broken images) to the batch dict.
+    """
+
+    def __init__(
+        self,
+        global_batch_size: int,
+        mask_ratio_tuple: tuple[float, float],
+        mask_probability: float,
+        mask_generator: MaskingGenerator,
+        seed: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        _check_ratios(mask_ratio_tuple, mask_probability)
+        self.global_batch_size = int(global_batch_size)
+        self.mask_ratio_tuple = (float(mask_ratio_tuple[0]), float(mask_ratio_tuple[1]))
+        self.mask_probability = float(mask_probability)
+        self.mask_generator = mask_generator
+        self.seed = int(seed)
+        self.dtype = dtype
+
+    def _strata(self, batch_index: int, n_slots: int) -> tuple[torch.Tensor, list[float], int]:
+        n_masked = int(n_slots * self.mask_probability)
+        probs = torch.linspace(*self.mask_ratio_tuple, n_masked + 1).tolist()
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask-strata", batch_index))
+        return torch.randperm(n_slots, generator=generator), probs, n_masked
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        G = self.global_batch_size
+        pairs = [(s["crops"], None) for s in samples]
+        global_crops = _stack_crop_major(pairs, "global_crops")
+        local_crops = _stack_crop_major(pairs, "local_crops")
+        n_global = len(samples[0]["crops"]["global_crops"])
+        positions = [int(s["position"]) for s in samples]
+        batch_index = positions[0] // G
+        if any(p // G != batch_index for p in positions):
+            raise ValueError(f"samples of one batch come from different global batches: positions {positions}.")
+        perm, probs, n_masked = self._strata(batch_index, n_global * G)
+        N = self.mask_generator.num_patches
+        masks_list, upperbound = [], 0
+        for c in range(n_global):
+            for p in positions:
+                stratum = int(perm[c * G + p % G])
+                rng = random.Random(derive_seed(self.seed, "mask", p, c))
+                if stratum < n_masked:
+                    ratio = rng.uniform(probs[stratum], probs[stratum + 1])
+                    masks_list.append(torch.from_numpy(self.mask_generator(int(N * ratio), rng=rng)).flatten())
+                    upperbound += int(N * probs[stratum + 1])
+                else:
+                    masks_list.append(torch.zeros(N, dtype=torch.bool))
+        batch = _batch_dict(
+            torch.stack(global_crops), torch.stack(local_crops) if local_crops else torch.empty(0),
+            masks_list, upperbound, self.dtype,
+        )
+        batch["positions"] = torch.tensor(positions, dtype=torch.long)
+        batch["n_broken"] = torch.tensor([sum(int(s.get("broken", 0)) for s in samples)], dtype=torch.long)
+        return batch

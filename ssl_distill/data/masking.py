@@ -113,9 +113,12 @@ class MaskingGenerator:
                     return delta
         return 0
 
-    def __call__(self, num_masking_patches: int = 0) -> np.ndarray:
-        """A ``bool`` array ``(height, width)`` with at most ``num_masking_patches`` masked patches."""
-        rng = self.rng if self.rng is not None else torch_seeded_random()
+    def __call__(self, num_masking_patches: int = 0, rng: random.Random | None = None) -> np.ndarray:
+        """A ``bool`` array ``(height, width)`` with at most ``num_masking_patches`` masked patches.
+
+        ``rng`` overrides the generator's own randomness for this call (per-sample seeded masks).
+        """
+        rng = rng if rng is not None else self.rng if self.rng is not None else torch_seeded_random()
         mask = np.zeros(shape=(self.height, self.width), dtype=bool)
         mask_count = 0
         while mask_count < num_masking_patches:

@@ -30,13 +30,18 @@ import torch
 from torch.utils.data import Sampler
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of epoch ``epoch``'s generator: the first 8 bytes of ``sha256(f"{seed}:{epoch}")``, little-endian.
+def derive_seed(*parts: object) -> int:
+    """A 64-bit seed from ``parts``: the first 8 bytes of ``sha256(":".join(parts))``, little-endian.
 
     Hashing (rather than e.g. ``seed + epoch``) keeps the streams of nearby seeds unrelated.
     """
-    digest = hashlib.sha256(f"{seed}:{epoch}".encode()).digest()
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s generator: ``derive_seed(seed, epoch)``."""
+    return derive_seed(seed, epoch)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -56,6 +61,8 @@ class InfiniteSampler(Sampler[int]):
         shuffle: a fresh permutation per epoch (``True``) or ``0, 1, ..., dataset_size - 1`` repeated.
         start: global position to start from = samples already consumed by *all* ranks together
             (``iteration * batch_size_per_rank * world_size`` when resuming after ``iteration`` steps).
+        with_positions: yield ``(global_position, index)`` pairs instead of indices, so a dataset can seed each
+            sample's augmentation from its position in the stream (world-size independent, exactly resumable).
 
     Has no ``__len__``: a DataLoader over it is infinite; the trainer decides when to stop.
     """
@@ -68,6 +75,7 @@ class InfiniteSampler(Sampler[int]):
         seed: int = 0,
         shuffle: bool = True,
         start: int = 0,
+        with_positions: bool = False,
     ) -> None:
         super().__init__()
         self.dataset_size = _check_int("dataset_size", dataset_size, 1)
@@ -83,6 +91,7 @@ class InfiniteSampler(Sampler[int]):
         self.seed = seed
         self.shuffle = bool(shuffle)
         self.start = _check_int("start", start, 0)
+        self.with_positions = bool(with_positions)
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The global stream's epoch ``epoch``: a permutation of ``range(dataset_size)`` as a list."""
@@ -91,12 +100,15 @@ class InfiniteSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(self.dataset_size, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         position = self.start + self.rank  # next global position this rank reads
         while True:
             epoch, offset = divmod(position, self.dataset_size)
             chunk = self.epoch_order(epoch)[offset :: self.world_size]
-            yield from chunk
+            if self.with_positions:
+                yield from ((position + k * self.world_size, index) for k, index in enumerate(chunk))
+            else:
+                yield from chunk
             # The next position is past this epoch; with world_size > dataset_size it may skip whole epochs.
             position += len(chunk) * self.world_size
 

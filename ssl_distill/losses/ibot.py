@@ -77,6 +77,21 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         x = teacher_patch_logits.detach().to(self.center.dtype)
         self._start_center_update(torch.sum(x.mean(1), dim=0, keepdim=True), len(x))
 
+    @torch.no_grad()
+    def update_center_masked(self, masked_teacher_logits: Tensor) -> None:
+        """Record the masked tokens ``(M, K)`` of this rank for a centre update with their **global** mean.
+
+        Sums and counts are reduced over ranks, so the centre is the same whatever the number of ranks and however
+        the masked tokens are spread over them (the reference averages per-rank means instead).
+        """
+        if masked_teacher_logits.ndim != 2 or masked_teacher_logits.shape[-1] != self.patch_out_dim:
+            raise ValueError(
+                f"iBOTPatchLoss.update_center_masked expects (M, {self.patch_out_dim}) logits, got "
+                f"{tuple(masked_teacher_logits.shape)}."
+            )
+        x = masked_teacher_logits.detach().to(self.center.dtype)
+        self._start_center_update(x.sum(0, keepdim=True), x.shape[0], sum_counts=True)
+
     def _token_log_likelihood(self, student_logits: Tensor, teacher_probs: Tensor) -> Tensor:
         """``sum_k t * log_softmax(s / student_temp)`` over the last dim: ``(..., K)`` -> ``(...)``."""
         if student_logits.shape != teacher_probs.shape:

@@ -129,12 +129,21 @@ class CenteredTeacherLoss(nn.Module):
         self.register_state_dict_pre_hook(_apply_pending_before_save)
         self.register_load_state_dict_pre_hook(_drop_pending_before_load)
 
-    def _start_center_update(self, batch_sum: Tensor, count: int) -> None:
-        """Record this rank's ``batch_sum`` (broadcastable to ``center``) over ``count`` samples."""
+    def _start_center_update(self, batch_sum: Tensor, count: int, sum_counts: bool = False) -> None:
+        """Record this rank's ``batch_sum`` (broadcastable to ``center``) over ``count`` samples.
+
+        ``sum_counts=False`` (reference): the centre uses ``sum / (count * world_size)``, exact when every rank
+        holds ``count`` samples. ``sum_counts=True``: the counts are summed over ranks too (one all-reduce with the
+        sums), so ranks may hold different numbers of samples; no update is made when the global count is 0.
+        """
         self.apply_center_update()
-        batch_sum = batch_sum.detach().to(self.center.dtype).contiguous()
+        batch_sum = batch_sum.detach().to(self.center.dtype)
+        if sum_counts:
+            batch_sum = torch.cat([batch_sum.reshape(-1), batch_sum.new_tensor([float(count)])])
+        batch_sum = batch_sum.contiguous()
         handle = _all_reduce_sum_async_(batch_sum)
-        self._pending = _PendingCenter(batch_sum, count, distributed.get_world_size(), handle)
+        world = 1 if sum_counts else distributed.get_world_size()
+        self._pending = _PendingCenter(batch_sum, -1 if sum_counts else count, world, handle)
 
     @torch.no_grad()
     def apply_center_update(self) -> None:
@@ -144,7 +153,13 @@ class CenteredTeacherLoss(nn.Module):
             return
         if pending.handle is not None:
             pending.handle.wait()
-        batch_center = pending.batch_sum / (pending.count * pending.world_size)
+        if pending.count < 0:  # sum_counts: the last element is the global count
+            total = pending.batch_sum[-1]
+            if total <= 0:
+                return
+            batch_center = (pending.batch_sum[:-1] / total).reshape(self.center.shape)
+        else:
+            batch_center = pending.batch_sum / (pending.count * pending.world_size)
         m = self.center_momentum
         self.center.copy_(self.center * m + batch_center * (1 - m))
 

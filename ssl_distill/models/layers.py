@@ -179,7 +179,14 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        """``(B, N, D)`` tokens, or a list of token batches of different resolutions (same shapes back).
+
+        Lists go through this one entry point (not a side method) so wrappers that hook ``__call__``, such as
+        FSDP2's unshard/reshard, see every use of the block.
+        """
+        if isinstance(x, (list, tuple)):
+            return self.forward_list(list(x))
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -189,5 +196,6 @@ class Block(nn.Module):
 
         Attention is per resolution; today norms and MLP are too. A packed pass (tokens of all crops concatenated
         for the norms/MLP, block-diagonal attention) can replace this one method without touching callers.
+        Call the block itself (``block(xs)``), not this method, from outside.
         """
         return [self.forward(x) for x in xs]

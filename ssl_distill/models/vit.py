@@ -168,7 +168,7 @@ class VisionTransformer(nn.Module):
         """All blocks over a list of token batches (one per resolution). A packed implementation replaces
         :meth:`Block.forward_list` without touching this loop."""
         for blk in self.blocks:
-            xs = blk.forward_list(xs)
+            xs = blk(xs)  # through __call__, so FSDP2 / hooks see it
         return xs
 
     def _output_dict(self, x: Tensor, masks: Tensor | None) -> FeatureDict:

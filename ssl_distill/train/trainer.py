@@ -1,0 +1,221 @@
+"""The training loop, top to bottom: data -> step -> EMA -> log -> checkpoint.
+
+    trainer = Trainer(cfg, output_dir)        # builds everything, resumes from output_dir when it holds a checkpoint
+    summary = trainer.run()                   # trains to cfg.optim.epochs * cfg.train.iters_per_epoch iterations
+
+Determinism: every sample's crops and masks are seeded by its global position in the sample stream, the sampler
+restarts at the exact sample, and the checkpoint holds the RNG states, so on CPU a run that is killed and resumed
+continues with bit-identical losses, and runs on 1 or N processes see the same global batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ssl_distill import distributed
+from ssl_distill.config import config_to_yaml, save_config
+from ssl_distill.data import InfiniteSampler, MaskingGenerator, MultiCropAugmentation, build_image_dataset
+from ssl_distill.data.collate import TrainingCollator
+from ssl_distill.data.pipeline import SeededMultiCropDataset
+from ssl_distill.train import checkpoint as ckpt
+from ssl_distill.train.meta_arch import SSLMetaArch
+from ssl_distill.train.metrics import MetricsWriter
+from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
+from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
+from ssl_distill.train.state import (
+    gather_state,
+    resolve_device,
+    resolve_precision,
+    restore_state,
+    wrap_for_distributed,
+)
+
+logger = logging.getLogger(__name__)
+TEACHER_EXPORT = "teacher_backbone.pth"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop was requested (preemption / time limit); a checkpoint of the current iteration was saved."""
+
+    def __init__(self, iteration: int, checkpoint: Path | None) -> None:
+        super().__init__(f"stopped at iteration {iteration}; checkpoint {checkpoint}")
+        self.iteration, self.checkpoint = iteration, checkpoint
+
+
+def build_train_loader(cfg: DictConfig, start_position: int, pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Seeded multi-crop samples from ``train.dataset_path``, this rank's share, from ``start_position`` on."""
+    dataset = build_image_dataset(
+        cfg.train.dataset_path, bad_image_policy=cfg.train.bad_image_policy, return_broken_flag=True
+    )
+    c = cfg.crops
+    augmentation = MultiCropAugmentation(
+        tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
+        c.global_crops_size, c.local_crops_size,
+    )
+    side = c.global_crops_size // cfg.student.patch_size
+    collator = TrainingCollator(
+        cfg.train.batch_size_per_gpu * distributed.get_world_size(), tuple(cfg.ibot.mask_ratio_min_max),
+        cfg.ibot.mask_sample_probability, MaskingGenerator(side, max_num_patches=0.5 * side * side),
+        seed=cfg.train.seed,
+    )
+    sampler = InfiniteSampler(
+        len(dataset), distributed.get_rank(), distributed.get_world_size(), seed=cfg.train.seed,
+        start=start_position, with_positions=True,
+    )
+    workers = cfg.train.num_workers
+    return torch.utils.data.DataLoader(
+        SeededMultiCropDataset(dataset, augmentation, cfg.train.seed), batch_size=cfg.train.batch_size_per_gpu,
+        sampler=sampler, num_workers=workers, collate_fn=collator, pin_memory=pin_memory, drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+class Trainer:
+    """One pretraining run in ``output_dir`` (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.env = distributed.init_distributed()
+        self.world = distributed.get_world_size()
+        self.device = resolve_device(cfg, self.env.local_rank)
+        apply_scaling_rules(cfg, self.world)
+        cfg.train.output_dir = str(self.output_dir)
+        self.cfg = cfg
+        self.total_iters = cfg.optim.epochs * cfg.train.iters_per_epoch
+        self.global_batch = cfg.train.batch_size_per_gpu * self.world
+        self.stop_requested = False  # set by a signal handler (Slurm preemption / time limit)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.meta = SSLMetaArch(cfg).to(self.device)
+        self.meta.autocast_dtype = resolve_precision(cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.meta.autocast_dtype == torch.float16 else None
+        wrap_for_distributed(self.meta, cfg, self.device)  # before the optimizer: FSDP2 swaps in DTensor params
+        groups = []
+        for name, module in self.meta.student.items():
+            groups += param_groups(module, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, name == "backbone")
+        self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
+        self.schedules = build_schedules(cfg)
+        self.start_iter = self._maybe_resume(resume)
+        self.last_checkpoint = ckpt.find_latest_checkpoint(self.output_dir)
+        if distributed.is_main_process():
+            logger.info("config:\n%s", config_to_yaml(cfg))
+            save_config(cfg, self.output_dir / "config.yaml")
+
+    def _maybe_resume(self, resume: bool) -> int:
+        latest = ckpt.find_latest_checkpoint(self.output_dir) if resume else None
+        if latest is None:
+            return 0
+        state = ckpt.load_checkpoint(latest)
+        restore_state(self.meta, self.optimizer, self.scaler, state)
+        logger.info("resumed from %s at iteration %d", latest, state["iteration"])
+        return int(state["iteration"])
+
+    def save(self, iteration: int) -> Path | None:
+        """Checkpoint of the state *before* ``iteration`` runs (collective; rank 0 writes)."""
+        state = gather_state(
+            self.meta, self.optimizer, self.scaler, iteration, self.global_batch, config_to_yaml(self.cfg)
+        )
+        path = None
+        if state is not None:
+            path = ckpt.save_checkpoint(self.output_dir, state, keep_last=self.cfg.train.keep_last_checkpoints)
+            self.last_checkpoint = path
+        distributed.barrier()
+        return path
+
+    def step(self, batch: dict[str, Any], it: int) -> dict[str, float]:
+        """One optimisation step at iteration ``it``; returns the rank-averaged losses."""
+        values = self.schedules.at(it)
+        apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler)
+        stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())
+        reduced = dict(zip(losses, stacked.tolist()))
+        if not math.isfinite(reduced["total_loss"]):
+            raise TrainingDiverged(
+                f"loss is {reduced['total_loss']} at iteration {it} ({reduced}); the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (no checkpoint written yet)'} and was left untouched. Lower "
+                "optim.base_lr or optim.clip_grad, or use train.precision=bf16 instead of fp16."
+            )
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.cfg.optim.clip_grad > 0:
+            self.meta.clip_gradients(self.cfg.optim.clip_grad)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.meta.update_teacher(values["momentum"])
+        return {**reduced, **values}
+
+    def run(self) -> dict[str, Any]:
+        """Train from ``start_iter`` to the end; returns a summary. Raises TrainingInterrupted on a stop request."""
+        cfg = self.cfg
+        loader = build_train_loader(cfg, self.start_iter * self.global_batch, self.device.type == "cuda")
+        metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
+        data_iter = iter(loader)
+        it, broken, window_start, data_time = self.start_iter, 0, time.perf_counter(), 0.0
+        self.meta.train()
+        try:
+            while it < self.total_iters:
+                if self.stop_requested:
+                    raise TrainingInterrupted(it, self.save(it))
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                data_time += time.perf_counter() - t0
+                broken += int(distributed.all_reduce_sum(batch["n_broken"].clone()).item())
+                record = self.step(batch, it)
+                it += 1
+                if it % cfg.train.log_period == 0 or it == self.total_iters:
+                    n = it % cfg.train.log_period or cfg.train.log_period
+                    elapsed = time.perf_counter() - window_start
+                    metrics.write(self._record(it, record, n, elapsed, data_time, broken))
+                    window_start, data_time = time.perf_counter(), 0.0
+                if it % cfg.train.checkpoint_period == 0 and it < self.total_iters:
+                    self.save(it)
+        finally:
+            metrics.close()
+        if self.start_iter < self.total_iters or self.last_checkpoint is None:
+            self.save(self.total_iters)
+        return self._finish()
+
+    def _record(self, it: int, rec: dict[str, float], n: int, elapsed: float, data_time: float, broken: int) -> dict:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
+        return {
+            "iteration": it, "total_iterations": self.total_iters, "epoch": (it - 1) // self.cfg.train.iters_per_epoch,
+            **{k: float(v) for k, v in rec.items()},
+            "images_per_s": n * self.global_batch / max(elapsed, 1e-9), "data_time_s": data_time / n,
+            "peak_memory_mb": peak / 2**20, "broken_images": broken,
+        }
+
+    def _finish(self) -> dict[str, Any]:
+        export = self.output_dir / TEACHER_EXPORT
+        if distributed.is_main_process() and self.last_checkpoint is not None:
+            ckpt.export_backbone(self.last_checkpoint, export)
+        distributed.barrier()
+        return {"iterations": self.total_iters, "checkpoint": self.last_checkpoint, "teacher_backbone": export}
+
+
+def _peak_rss_bytes() -> float:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # Linux reports KiB
+    except Exception:
+        return float("nan")
+
+
+def train(cfg: DictConfig, output_dir: str | os.PathLike, resume: bool = True) -> dict[str, Any]:
+    """Train (or resume) a run in ``output_dir``; see :class:`Trainer`."""
+    return Trainer(cfg, output_dir, resume=resume).run()

@@ -1,0 +1,187 @@
+"""The training engine on real images and real processes: end to end, resume, distributed equivalence, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_utils import TINY, popen_train, run_train, tiny_overrides
+
+from ssl_distill.config import load_config
+from ssl_distill.models import vit_tiny
+from ssl_distill.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint
+from ssl_distill.train.metrics import read_metrics
+from ssl_distill.train.trainer import Trainer, TrainingDiverged
+
+LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss", "total_loss")
+
+
+def _losses(out: Path) -> list[tuple[int, tuple[float, ...]]]:
+    return [(r["iteration"], tuple(r[k] for k in LOSS_KEYS)) for r in read_metrics(out)]
+
+
+def _assert_ok(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_training(tmp_path, photo_folder):
+    out = tmp_path / "run"
+    _assert_ok(run_train(out, tiny_overrides(photo_folder)))
+    metrics = read_metrics(out)
+    assert [r["iteration"] for r in metrics] == list(range(1, 9))
+    for r in metrics:
+        for key in (*LOSS_KEYS, "lr", "wd", "momentum", "teacher_temp", "images_per_s", "data_time_s",
+                    "peak_memory_mb", "broken_images"):
+            assert key in r, key
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in LOSS_KEYS)
+    assert metrics[0]["teacher_temp"] == pytest.approx(0.04)
+    assert [p.name for p in list_checkpoints(out)] == ["model_0000004.pth", "model_0000006.pth", "model_0000008.pth"]
+    assert load_config(out / "config.yaml").train.dataset_path == photo_folder
+    # the exported teacher loads strictly into the architecture and equals the checkpoint's teacher
+    weights = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    backbone = vit_tiny(patch_size=8, img_size=32, init_values=1e-5)
+    backbone.load_state_dict(weights, strict=True)
+    state = load_checkpoint(find_latest_checkpoint(out))
+    assert state["iteration"] == 8 and state["sampler_position"] == 64
+    torch.testing.assert_close(weights["cls_token"], state["model"]["teacher.backbone.cls_token"])
+    assert not torch.equal(state["model"]["teacher.backbone.cls_token"], state["model"]["student.backbone.cls_token"])
+    # export command: same weights
+    from ssl_distill.cli import main
+
+    assert main(["export", "--checkpoint", str(find_latest_checkpoint(out)), "--output", str(tmp_path / "t.pth")]) == 0
+    torch.testing.assert_close(torch.load(tmp_path / "t.pth", weights_only=True), weights)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tmp_path, photo_folder):
+    ref, killed = tmp_path / "reference", tmp_path / "killed"
+    overrides = tiny_overrides(photo_folder, **{"optim.epochs": 6})  # 24 iterations, checkpoint every 2
+    _assert_ok(run_train(ref, overrides))
+    proc = popen_train(killed, overrides)
+    deadline = time.time() + 240
+    while not (killed / "model_0000006.pth").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "teacher_backbone.pth").exists(), "the run finished before it could be killed"
+    _assert_ok(run_train(killed, overrides))  # same output dir: resumes automatically
+    assert _losses(killed) == _losses(ref)  # every iteration, every loss, bit for bit
+    a = load_checkpoint(find_latest_checkpoint(ref))["model"]
+    b = load_checkpoint(find_latest_checkpoint(killed))["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, photo_folder):
+    # LayerScale 1.0: with the tiny config's 1e-5 the random-init CLS tokens are near-duplicates (nearest-neighbour
+    # distance ~3e-5), where KoLeo's -log(distance) turns fp32 rounding of different batch splits into ~0.2%.
+    one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
+    ls = {"student.layerscale": 1.0}
+    _assert_ok(run_train(one, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 8}, **ls)))
+    _assert_ok(run_train(ddp, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4}, **ls), nproc=2))
+    _assert_ok(run_train(fsdp, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4,
+                                                               "train.sharding": "fsdp"}, **ls), nproc=2))
+    ref = _losses(one)
+    for run in (ddp, fsdp):
+        got = _losses(run)
+        assert [i for i, _ in got] == [i for i, _ in ref]
+        for (_, a), (_, b) in zip(got, ref):
+            assert a == pytest.approx(b, rel=2e-4, abs=2e-5), run.name
+    # FSDP writes the same full (unsharded) state as DDP, with the same keys and shapes
+    d = load_checkpoint(find_latest_checkpoint(ddp))
+    f = load_checkpoint(find_latest_checkpoint(fsdp))
+    assert d["model"].keys() == f["model"].keys()
+    for k in d["model"]:
+        torch.testing.assert_close(f["model"][k], d["model"][k], rtol=1e-3, atol=1e-4, msg=k)
+    assert d["optimizer"]["state"].keys() == f["optimizer"]["state"].keys()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resume_on_a_different_world_size(tmp_path, photo_folder):
+    ref, switched = tmp_path / "ref", tmp_path / "switched"
+    ls = {"student.layerscale": 1.0}  # well-conditioned KoLeo (see the test above)
+    _assert_ok(run_train(ref, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 8}, **ls)))
+    # a 1-process run (global batch 8) "interrupted" after iteration 4: roll it back to that checkpoint ...
+    _assert_ok(run_train(switched, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 8}, **ls)))
+    for later in ("model_0000006.pth", "model_0000008.pth", "teacher_backbone.pth", "last_checkpoint"):
+        (switched / later).unlink()
+    state = load_checkpoint(find_latest_checkpoint(switched))
+    assert state["iteration"] == 4
+    # ... and resume it on 2 processes x 4
+    _assert_ok(run_train(switched, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4}, **ls), nproc=2))
+    got, want = _losses(switched), _losses(ref)
+    assert [i for i, _ in got] == list(range(1, 9))
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=2e-4, abs=2e-5)
+
+
+@pytest.mark.slow
+def test_broken_images_are_skipped_and_counted(tmp_path, photo_folder):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in sorted(Path(photo_folder).iterdir()):
+        (data / p.name).write_bytes(p.read_bytes())
+    (data / "zz_empty.jpg").write_bytes(b"")
+    (data / "zz_text.png").write_text("not an image")
+    good = (data / "photo_000.jpg").read_bytes()
+    (data / "zz_truncated.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "run"
+    _assert_ok(run_train(out, tiny_overrides(str(data), **{"optim.epochs": 4})))  # 16 it x 8 = 2.5 epochs
+    metrics = read_metrics(out)
+    assert metrics[-1]["broken_images"] >= 3  # each broken file met at least once, replaced, counted
+    assert (out / "teacher_backbone.pth").exists()
+    proc = run_train(tmp_path / "strict", tiny_overrides(str(data), **{"train.bad_image_policy": "error"}))
+    assert proc.returncode == 2
+    assert "zz_" in proc.stderr and "train.bad_image_policy=skip" in proc.stderr
+
+
+def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folder, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(TINY, tiny_overrides(photo_folder))
+    trainer = Trainer(cfg, tmp_path)
+    real = trainer.meta.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(batch, teacher_temp):
+        total, losses = real(batch, teacher_temp)
+        calls["n"] += 1
+        if calls["n"] == 4:  # iteration 3 (0-based): after the checkpoint at iteration 2
+            total = total * float("nan")
+            losses["total_loss"] = total.detach()
+        return total, losses
+
+    trainer.meta.compute_losses = poisoned
+    with pytest.raises(TrainingDiverged, match=r"at iteration 3 .*model_0000002.pth.*left untouched"):
+        trainer.run()
+    good = load_checkpoint(tmp_path / "model_0000002.pth")
+    assert good["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["model_0000002.pth"]
+
+
+def test_cli_reports_config_and_data_errors(tmp_path, photo_folder):
+    proc = run_train(tmp_path / "a", tiny_overrides(photo_folder, **{"optim.bas_lr": 1}))
+    assert proc.returncode == 2 and "Did you mean 'optim.base_lr'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_train(tmp_path / "b", tiny_overrides(str(tmp_path / "missing")))
+    assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(tmp_path / "c", tiny_overrides(photo_folder, **{"crops.local_crops_size": 12}))
+    assert proc.returncode == 2 and "crops.local_crops_size" in proc.stderr
+
+
+def test_metrics_are_truncated_to_the_resume_point(tmp_path):
+    from ssl_distill.train.metrics import MetricsWriter
+
+    path = tmp_path / "training_metrics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 8)) + '{"iteration": 8, "lo')
+    MetricsWriter(tmp_path, start_iteration=4).close()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
