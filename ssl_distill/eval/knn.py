@@ -1,0 +1,175 @@
+"""Weighted k-nearest-neighbour classification on L2-normalised features (Wu et al. 2018; DINO, Caron et al. 2021).
+
+For a query ``q`` and train features ``x_i`` (all L2-normalised), the ``k`` most similar train samples by cosine
+similarity ``s_i = q . x_i`` vote for their class with weight ``exp(s_i / T)``; classes are ranked by total vote.
+One neighbour search (the largest ``k``) serves every ``k``: ``topk`` returns neighbours sorted by similarity,
+so the first ``k`` of the ``max(k)`` nearest are the ``k`` nearest.
+
+Memory stays bounded: queries go in batches of ``query_batch`` and train features are scanned in chunks of
+``train_chunk``, keeping a running top-``max(k)``; no ``N_query x N_train`` similarity matrix is ever built.
+Across ranks every rank holds all train features and classifies its slice of the queries; correct counts are
+summed, so the result equals the single-process one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ssl_distill.distributed import all_reduce_sum, get_rank, get_world_size
+from ssl_distill.eval.features import shard_range
+
+
+def topk_neighbours(
+    queries: Tensor, train: Tensor, k: int, train_chunk: int = 65536
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest similarities ``queries @ train.T`` per query, scanning ``train`` in chunks.
+
+    Args: queries ``(Q, D)``, train ``(N, D)`` (both already normalised). Returns ``(sims (Q, k), index (Q, k))``,
+    sorted by decreasing similarity. ``k`` is clipped to ``N``.
+    """
+    k = min(k, train.shape[0])
+    best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
+    best_idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for start in range(0, train.shape[0], train_chunk):
+        chunk = train[start : start + train_chunk]
+        sims = queries @ chunk.T
+        idx = torch.arange(start, start + chunk.shape[0], device=queries.device).expand_as(sims)
+        sims, idx = torch.cat([best_sim, sims], dim=1), torch.cat([best_idx, idx], dim=1)
+        best_sim, pos = sims.topk(min(k, sims.shape[1]), dim=1)
+        best_idx = idx.gather(1, pos)
+    return best_sim, best_idx
+
+
+def weighted_votes(sims: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
+    """Class scores ``(Q, C)``: ``sum over neighbours of exp(sim / T)`` into each neighbour's class.
+
+    ``sims (Q, k)`` and ``labels (Q, k)`` are the neighbours' similarities and classes.
+    """
+    votes = sims.new_zeros((sims.shape[0], num_classes))
+    return votes.scatter_add_(1, labels, torch.exp(sims / temperature))
+
+
+def knn_correct_counts(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int],
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    query_batch: int = 256,
+    train_chunk: int = 65536,
+) -> dict[int, Tensor]:
+    """Per ``k``: ``tensor([top1_correct, top5_correct])`` over these queries (top-5 counts 0 when ``C < 5``).
+
+    A top-5 hit needs the true class among the 5 highest-voted classes *and* at least one vote (with ``k < 5``
+    fewer than 5 classes get votes; the reference implementations then count arbitrary zero-vote classes).
+
+    Features are L2-normalised here; ``train_features (N, D)``, ``test_features (Q, D)``, labels int64.
+    """
+    num_classes = int(num_classes or int(train_labels.max()) + 1)
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    max_k = max(ks)
+    counts = {k: torch.zeros(2, dtype=torch.long) for k in ks}
+    for start in range(0, test.shape[0], query_batch):
+        q, target = test[start : start + query_batch], test_labels[start : start + query_batch]
+        sims, idx = topk_neighbours(q, train, max_k, train_chunk)
+        neighbour_labels = train_labels[idx]
+        for k in ks:
+            votes = weighted_votes(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
+            top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
+            hit = (ranked == target[:, None]) & (top_votes > 0)  # a class no neighbour voted for never counts
+            counts[k][0] += int(hit[:, 0].sum())
+            counts[k][1] += int(hit.any(dim=1).sum()) if num_classes >= 5 else 0
+    return counts
+
+
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    query_batch: int = 256,
+    train_chunk: int = 65536,
+) -> dict[int, dict[str, float]]:
+    """Weighted k-NN top-1 (and top-5 when there are >= 5 classes) accuracy in percent, for every ``k``.
+
+    Every rank passes the same (full) tensors; each classifies its slice of the queries and the correct counts
+    are summed over ranks, so every rank returns the single-process result.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    num_classes = int(num_classes or int(train_labels.max()) + 1)
+    mine = shard_range(test_features.shape[0], get_rank(), get_world_size())
+    counts = knn_correct_counts(
+        train_features, train_labels, test_features[mine.start : mine.stop], test_labels[mine.start : mine.stop],
+        ks, temperature, num_classes, query_batch, train_chunk,
+    )
+    total = test_features.shape[0]
+    results: dict[int, dict[str, float]] = {}
+    for k in ks:
+        c = all_reduce_sum(counts[k].clone())
+        results[k] = {"top1": 100.0 * int(c[0]) / total}
+        if num_classes >= 5:
+            results[k]["top5"] = 100.0 * int(c[1]) / total
+    return results
+
+
+def few_shot_indices(labels: Tensor, n_per_class: int, seed: int) -> Tensor:
+    """Indices of ``n_per_class`` samples of each class (all of a smaller class), drawn with ``seed``; sorted.
+
+    ``n_per_class = -1`` means every sample. The draw depends only on ``labels`` and ``seed``, so all ranks agree.
+    """
+    if n_per_class < 0:
+        return torch.arange(labels.shape[0])
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        chosen.append(idx[torch.randperm(idx.shape[0], generator=gen)[:n_per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def knn_few_shot(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    ks: Sequence[int] = (10, 20, 100, 200),
+    temperature: float = 0.07,
+    n_per_class_list: Sequence[int] = (-1,),
+    n_tries: int = 1,
+    train_chunk: int = 65536,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """k-NN accuracy for every ``n_per_class`` (-1 = the full train set) and ``k``, averaged over ``n_tries`` draws.
+
+    Returns ``{"all" | "<n>-shot": {"k=<k>": {"top1", "top1_std", ["top5", "top5_std"]}}}`` (percent; std over
+    tries, 0 for one try). Try ``t`` draws its subset with seed ``t``.
+    """
+    num_classes = int(train_labels.max()) + 1
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for n in n_per_class_list:
+        tries = 1 if n < 0 else n_tries
+        runs = []
+        for t in range(tries):
+            idx = few_shot_indices(train_labels, n, seed=t)
+            runs.append(knn_accuracy(train_features[idx], train_labels[idx], test_features, test_labels, ks,
+                                     temperature, num_classes, train_chunk=train_chunk))
+        per_k: dict[str, dict[str, float]] = {}
+        for k in ks:
+            entry: dict[str, float] = {}
+            for metric in runs[0][k]:
+                values = torch.tensor([r[k][metric] for r in runs], dtype=torch.float64)
+                entry[metric] = float(values.mean())
+                entry[f"{metric}_std"] = float(values.std(unbiased=False))
+            per_k[f"k={k}"] = entry
+        out["all" if n < 0 else f"{n}-shot"] = per_k
+    return out

@@ -1,0 +1,90 @@
+"""End to end: `ssl-distill eval-knn` / `eval-linear` on the digits folders, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from eval_fixtures import make_digits_dirs
+
+from ssl_distill.cli import main
+
+TINY = ["--config-file", "configs/tiny_cpu.yaml", "--image-size", "32", "--num-workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def digits_dirs(tmp_path_factory):
+    return make_digits_dirs(tmp_path_factory)
+
+
+def _common(digits_dirs, out, weights="random"):
+    train, val = digits_dirs
+    return ["--pretrained-weights", weights, "--train-dataset", str(train), "--val-dataset", str(val),
+            "--output-dir", str(out), *TINY]
+
+
+def test_eval_knn_end_to_end(tmp_path, digits_dirs):
+    rc = main(["eval-knn", *_common(digits_dirs, tmp_path / "out"), "--nb-knn", "1", "10",
+               "--n-per-class-list", "-1", "2", "--n-tries", "2", "--train-chunk", "16", "--cache-dir",
+               str(tmp_path / "cache")])
+    assert rc == 0
+    res = json.loads((tmp_path / "out" / "results_eval_knn.json").read_text())
+    assert res["n_train"] == 120 and res["n_val"] == 60 and res["classes"] == [str(d) for d in range(10)]
+    assert set(res["results"]) == {"all", "2-shot"} and set(res["results"]["all"]) == {"k=1", "k=10"}
+    for entry in res["results"]["all"].values():
+        assert 0.0 <= entry["top1"] <= entry["top5"] <= 100.0
+    assert len(list((tmp_path / "cache").glob("features_*.pt"))) == 2  # train and val
+
+
+@pytest.mark.slow
+def test_eval_linear_end_to_end_both_modes(tmp_path, digits_dirs):
+    for mode in ([], ["--precomputed-features"]):
+        out = tmp_path / f"out{len(mode)}"
+        rc = main(["eval-linear", *_common(digits_dirs, out), "--epochs", "2", "--batch-size", "32",
+                   "--learning-rates", "0.01", "0.1", *mode])
+        assert rc == 0
+        res = json.loads((out / "results_eval_linear.json").read_text())
+        assert len(res["heads"]) == 8  # 2 lrs x last 1 or 4 blocks x avgpool on/off
+        assert {(h["n_blocks"], h["avgpool"]) for h in res["heads"]} == {(1, False), (1, True), (4, False),
+                                                                          (4, True)}
+        assert res["best"]["top1"] == max(h["top1"] for h in res["heads"])
+        head = torch.load(out / "best_linear_head.pth", weights_only=True)
+        dim = 192 * (res["best"]["n_blocks"] + int(res["best"]["avgpool"]))
+        assert head["state_dict"]["weight"].shape == (10, dim) and head["classes"] == res["classes"]
+
+
+def _error(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_bad_inputs_give_one_line(tmp_path, digits_dirs, capsys):
+    train, val = digits_dirs
+    args = _common(digits_dirs, tmp_path / "o")
+    missing = [a if a != str(train) else str(tmp_path / "nope") for a in args]
+    assert "does not exist" in _error(capsys, ["eval-knn", *missing])
+    one = tmp_path / "one"
+    shutil.copytree(train / "3", one / "3")
+    assert "at least 2 class" in _error(capsys, ["eval-knn", *[a if a != str(train) else str(one) for a in args]])
+    odd = tmp_path / "odd_val"
+    shutil.copytree(val, odd)
+    shutil.copytree(val / "7", odd / "seven")
+    assert "'seven'" in _error(capsys, ["eval-knn", *[a if a != str(val) else str(odd) for a in args]])
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x00garbage")
+    assert "cannot read weights file" in _error(capsys, ["eval-linear", *_common(digits_dirs, tmp_path, str(junk))])
+
+
+def test_val_labels_follow_train_classes(tmp_path, digits_dirs):
+    from ssl_distill.eval.data import load_labelled_datasets
+
+    train, val = digits_dirs
+    subset = tmp_path / "val_sub"
+    for d in ("2", "9"):
+        shutil.copytree(val / d, subset / d)
+    tr, va = load_labelled_datasets(str(train), str(subset), None, None)
+    assert sorted(set(va.targets)) == [2, 9] and va.classes == tr.classes

@@ -1,0 +1,81 @@
+"""--pretrained-weights resolution: our checkpoints, exported/official state dicts, strict-load diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_distill.config import config_to_yaml, load_config
+from ssl_distill.eval.weights import WeightsError, backbone_from_config, load_pretrained_backbone
+from ssl_distill.train.checkpoint import export_backbone, save_checkpoint
+
+TINY = "configs/tiny_cpu.yaml"
+
+
+def _tiny_state(cfg_overrides=()):
+    torch.manual_seed(3)
+    cfg = load_config(TINY, list(cfg_overrides))
+    return cfg, backbone_from_config(cfg).state_dict()
+
+
+def test_training_checkpoint_uses_its_config_and_teacher(tmp_path):
+    cfg, sd = _tiny_state(["student.num_register_tokens=2"])
+    model = {f"teacher.backbone.{k}": v for k, v in sd.items()}
+    model.update({f"student.backbone.{k}": torch.zeros_like(v) for k, v in sd.items()})
+    path = save_checkpoint(tmp_path, {"iteration": 5, "model": model, "config": config_to_yaml(cfg)})
+    backbone, info = load_pretrained_backbone(str(path))  # no --config-file: the stored config has registers
+    assert info["source"] == "checkpoint" and backbone.num_register_tokens == 2
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    exported = export_backbone(path, tmp_path / "backbone.pth")
+    again, info2 = load_pretrained_backbone(str(exported), TINY, ["student.num_register_tokens=2"])
+    assert info2["source"] == "state_dict" and info2["weights_hash"] == info["weights_hash"]
+
+
+def test_register_mismatch_names_the_fix(tmp_path):
+    _, sd = _tiny_state(["student.num_register_tokens=4"])
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(WeightsError, match=r"unexpected keys.*register_tokens.*student.num_register_tokens=4"):
+        load_pretrained_backbone(str(tmp_path / "w.pth"), TINY)
+
+
+def test_swiglu_and_patch_size_mismatches_name_the_fix(tmp_path):
+    _, sd = _tiny_state(["student.ffn_layer=swiglufused"])
+    torch.save(sd, tmp_path / "swiglu.pth")
+    with pytest.raises(WeightsError, match="student.ffn_layer=swiglufused"):
+        load_pretrained_backbone(str(tmp_path / "swiglu.pth"), TINY)
+    _, sd = _tiny_state(["student.patch_size=16"])
+    torch.save(sd, tmp_path / "p16.pth")
+    with pytest.raises(WeightsError, match="student.patch_size=16"):
+        load_pretrained_backbone(str(tmp_path / "p16.pth"), TINY)
+
+
+def test_wrong_or_missing_files(tmp_path):
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot read weights file"):
+        load_pretrained_backbone(str(tmp_path / "notes.pth"), TINY)
+    torch.save({"epoch": 3}, tmp_path / "meta.pth")
+    with pytest.raises(WeightsError, match="no state dict of tensors"):
+        load_pretrained_backbone(str(tmp_path / "meta.pth"), TINY)
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_pretrained_backbone(str(tmp_path / "missing.pth"), TINY)
+
+
+def test_unknown_name_is_explained():
+    import importlib.util
+
+    has_zoo = importlib.util.find_spec("ssl_distill.hub.registry") is not None
+    expected = "not a usable model-zoo name" if has_zoo else "no model zoo"
+    with pytest.raises(WeightsError, match=expected):
+        load_pretrained_backbone("dinov2_vitq99")
+
+
+def test_random_weights_are_seeded_and_hashed():
+    torch.manual_seed(0)
+    a, ia = load_pretrained_backbone("random", TINY)
+    torch.manual_seed(0)
+    _, ib = load_pretrained_backbone("random", TINY)
+    torch.manual_seed(1)
+    _, ic = load_pretrained_backbone("random", TINY)
+    assert ia["weights_hash"] == ib["weights_hash"] != ic["weights_hash"]
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
