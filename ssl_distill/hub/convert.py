@@ -1,0 +1,300 @@
+"""Backbone state-dict formats: official DINOv2 (native, = ssl_distill), timm, Hugging Face transformers.
+
+Layouts (``D`` = width, ``N`` = patches of the learned grid, ``R`` = registers):
+
+* **dinov2** (ours): ``cls_token (1,1,D)``, ``pos_embed (1,1+N,D)`` (class position first), ``register_tokens
+  (1,R,D)``, ``mask_token (1,D)``, ``blocks.i.{norm1, attn.qkv, attn.proj, ls1.gamma, norm2, mlp.fc1|w12,
+  mlp.fc2|w3, ls2.gamma}``, ``norm``.
+* **timm** (``vit_*_patch14_dinov2``, ``vit_*_patch14_reg4_dinov2``): no ``mask_token``; with registers
+  ``reg_token (1,R,D)`` and ``pos_embed (1,N,D)`` without the class position, which is folded into ``cls_token``
+  (timm's ``no_embed_class``); SwiGLU packed as ``mlp.fc1`` (= ``w12``) / ``mlp.fc2`` (= ``w3``).
+* **hf** (``transformers`` ``Dinov2Model`` / ``Dinov2WithRegistersModel``): ``embeddings.{cls_token, mask_token,
+  position_embeddings, register_tokens, patch_embeddings.projection}``, ``encoder.layer.i.{norm1,
+  attention.attention.{query,key,value}, attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1|weights_in,
+  mlp.fc2|weights_out, layer_scale2.lambda1}``, ``layernorm``; optionally under a ``dinov2.`` prefix.
+
+dinov2 -> timm -> dinov2 moves the class position of register models from ``pos_embed`` into ``cls_token``
+(the sum, which is all the forward pass uses, is unchanged); timm -> dinov2 -> timm is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ssl_distill.fileio import atomic_open
+from ssl_distill.hub.registry import HubError
+
+logger = logging.getLogger(__name__)
+
+StateDict = dict[str, Tensor]
+FORMATS = ("dinov2", "timm", "hf")
+ALIASES = {"ssl_distill": "dinov2", "native": "dinov2", "huggingface": "hf", "transformers": "hf"}
+
+_DINOV2_KEY = re.compile(
+    r"^(cls_token|pos_embed|register_tokens|mask_token|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
+    r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
+    r"|blocks\.\d+\.ls[12]\.gamma)$"
+)
+_HF_TOP = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+# HF module name inside encoder.layer.i -> ours inside blocks.i (weight and bias follow)
+_HF_BLOCK_MODULES = {
+    "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
+    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
+}
+_HF_BLOCK_PARAMS = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
+_HF_BLOCK = {
+    **{f"{h}.{p}": f"{o}.{p}" for h, o in _HF_BLOCK_MODULES.items() for p in ("weight", "bias")},
+    **_HF_BLOCK_PARAMS,
+}
+_HF_BLOCK_INV = {v: k for k, v in _HF_BLOCK.items()}
+_HF_TOP_INV = {v: k for k, v in _HF_TOP.items()}
+
+
+def canonical_format(name: str) -> str:
+    """``"ssl_distill"``/``"native"`` -> ``"dinov2"``, ``"huggingface"`` -> ``"hf"``; unknown names raise."""
+    fmt = ALIASES.get(name, name)
+    if fmt not in FORMATS:
+        raise HubError(f"unknown weights format {name!r}; use one of dinov2 (= ssl_distill), timm, hf")
+    return fmt
+
+
+def _is_swiglu_packed(sd: StateDict, prefix: str) -> bool:
+    """timm packs SwiGLU as fc1 (2H, D) / fc2 (D, H): fc1 has twice as many outputs as fc2 has inputs."""
+    fc1, fc2 = sd.get(prefix + "fc1.weight"), sd.get(prefix + "fc2.weight")
+    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+
+
+def detect_format(sd: StateDict) -> str:
+    """Guess the layout of a backbone state dict: ``"dinov2"``, ``"timm"`` or ``"hf"``."""
+    keys = list(sd)
+    if any(k.startswith(("embeddings.", "encoder.layer.")) or ".embeddings.patch_embeddings." in k for k in keys):
+        return "hf"
+    if "reg_token" in sd:
+        return "timm"
+    if "mask_token" in sd or "register_tokens" in sd or any(".mlp.w12." in k for k in keys):
+        return "dinov2"
+    if "cls_token" in sd and "patch_embed.proj.weight" in sd:
+        return "timm"  # plain ViT without mask token: timm (also what a dinov2 file minus mask_token is)
+    sample = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    raise HubError(
+        f"cannot recognise this state dict as a ViT backbone in dinov2, timm or Hugging Face layout (keys: {sample})"
+    )
+
+
+def validate_dinov2(sd: StateDict) -> StateDict:
+    """Check that ``sd`` has the DINOv2 key layout (names only; shapes are checked by strict loading)."""
+    unknown = [k for k in sd if not _DINOV2_KEY.match(k)]
+    missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.weight") if k not in sd]
+    if unknown or missing or not any(k.startswith("blocks.") for k in sd):
+        raise HubError(
+            "not a ViT backbone state dict in DINOv2 layout"
+            + (f"; unexpected keys: {', '.join(unknown[:6])}" if unknown else "")
+            + (f"; missing keys: {', '.join(missing)}" if missing else "")
+            + ". Pass --from timm or --from hf for other layouts."
+        )
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------- timm
+def timm_to_dinov2(sd: StateDict) -> StateDict:
+    """timm ``vit_*_patch14(_reg4)_dinov2`` layout -> DINOv2 layout (adds a zero ``mask_token``)."""
+    out: StateDict = {}
+    cls = sd["cls_token"]
+    pos = sd["pos_embed"]
+    side = round(pos.shape[1] ** 0.5)
+    for k, v in sd.items():
+        if k.startswith("head."):
+            logger.warning("dropping classifier weight %s (backbones have no head)", k)
+            continue
+        if k == "reg_token":
+            out["register_tokens"] = v
+        elif k == "pos_embed" and side * side == pos.shape[1]:
+            # no class position (timm's no_embed_class): it is already folded into cls_token
+            out[k] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+        elif (m := re.match(r"^(blocks\.\d+\.mlp\.)fc([12])\.(weight|bias)$", k)) and _is_swiglu_packed(sd, m[1]):
+            out[f"{m[1]}{'w12' if m[2] == '1' else 'w3'}.{m[3]}"] = v
+        else:
+            out[k] = v
+    out.setdefault("mask_token", torch.zeros(1, cls.shape[-1], dtype=cls.dtype))
+    return out
+
+
+def dinov2_to_timm(sd: StateDict) -> StateDict:
+    """DINOv2 layout -> timm layout (drops ``mask_token``; register models get timm's ``no_embed_class`` form)."""
+    out: StateDict = {}
+    has_reg = "register_tokens" in sd
+    for k, v in sd.items():
+        if k == "mask_token":
+            continue
+        if k == "register_tokens":
+            out["reg_token"] = v
+        elif has_reg and k == "cls_token":
+            out[k] = v + sd["pos_embed"][:, :1]
+        elif has_reg and k == "pos_embed":
+            out[k] = v[:, 1:]
+        elif m := re.match(r"^(blocks\.\d+\.mlp\.)(w12|w3)\.(weight|bias)$", k):
+            out[f"{m[1]}{'fc1' if m[2] == 'w12' else 'fc2'}.{m[3]}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+def _strip_hf_prefix(sd: StateDict) -> StateDict:
+    """Drop a ``dinov2.`` / ``dinov2_with_registers.`` model prefix and any classifier head."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k.startswith("classifier."):
+            logger.warning("dropping classifier weight %s (backbones have no head)", k)
+            continue
+        m = re.match(r"^[A-Za-z0-9_]+\.(?=(embeddings|encoder|layernorm)\.)", k)
+        out[k[m.end():] if m else k] = v
+    return out
+
+
+def hf_to_dinov2(sd: StateDict) -> StateDict:
+    """Hugging Face ``Dinov2Model`` layout -> DINOv2 layout (q/k/v concatenated into ``qkv``)."""
+    out: StateDict = {}
+    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
+    unknown = []
+    for k, v in _strip_hf_prefix(sd).items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+            continue
+        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)$", k)
+        if m and (q := re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", m[2])):
+            qkv.setdefault((int(m[1]), q[2]), {})[q[1]] = v
+        elif m and m[2] in _HF_BLOCK:
+            out[f"blocks.{m[1]}.{_HF_BLOCK[m[2]]}"] = v
+        else:
+            unknown.append(k)
+    if unknown:
+        raise HubError(f"unexpected keys for a Hugging Face Dinov2Model: {', '.join(unknown[:6])}")
+    for (i, param), parts in sorted(qkv.items()):
+        if set(parts) != {"query", "key", "value"}:
+            raise HubError(f"encoder.layer.{i}.attention lacks {sorted({'query', 'key', 'value'} - set(parts))}")
+        out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def dinov2_to_hf(sd: StateDict) -> StateDict:
+    """DINOv2 layout -> Hugging Face ``Dinov2Model`` layout (``qkv`` split into query/key/value)."""
+    out: StateDict = {}
+    for k, v in validate_dinov2(sd).items():
+        if k in _HF_TOP_INV:
+            out[_HF_TOP_INV[k]] = v
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
+        assert m is not None  # validate_dinov2 allows only top-level and block keys
+        if q := re.match(r"^attn\.qkv\.(weight|bias)$", m[2]):
+            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+                out[f"encoder.layer.{m[1]}.attention.attention.{name}.{q[1]}"] = part
+        else:
+            out[f"encoder.layer.{m[1]}.{_HF_BLOCK_INV[m[2]]}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- API
+def to_dinov2(sd: StateDict, src: str = "auto") -> StateDict:
+    """Any supported layout (``src`` = ``"auto"`` detects it) -> validated DINOv2 layout."""
+    src = detect_format(sd) if src == "auto" else canonical_format(src)
+    if src == "timm":
+        sd = timm_to_dinov2(sd)
+    elif src == "hf":
+        sd = hf_to_dinov2(sd)
+    return validate_dinov2(dict(sd))
+
+
+def convert_state_dict(sd: StateDict, src: str = "auto", dst: str = "dinov2") -> StateDict:
+    """Convert a backbone state dict between layouts (via the DINOv2 layout)."""
+    native = to_dinov2(sd, src)
+    dst = canonical_format(dst)
+    if dst == "timm":
+        return dinov2_to_timm(native)
+    if dst == "hf":
+        return dinov2_to_hf(native)
+    return native
+
+
+def _unwrap(obj: object, path: Path) -> StateDict:
+    """A plain ``{name: tensor}`` dict from a loaded file: our training checkpoints give the teacher backbone;
+    ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers are opened."""
+    from ssl_distill.train.checkpoint import CHECKPOINT_FORMAT, extract_backbone
+
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return extract_backbone(obj, "teacher")
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise HubError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors)")
+    return _backbone_keys({str(k): v for k, v in obj.items()})
+
+
+def _backbone_keys(sd: StateDict) -> StateDict:
+    """Reference DINOv2 training files: keep the (teacher) backbone, drop heads and a DDP ``module.`` prefix, and
+    un-chunk FSDP block chunks (``blocks.<chunk>.<i>.`` -> ``blocks.<i>.``)."""
+    for prefix in ("teacher.backbone.", "backbone.", "module."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
+
+
+def read_weights(path: str | os.PathLike) -> StateDict:
+    """Load a weights file safely: ``.safetensors``, or ``torch.load(weights_only=True)``; see :func:`_unwrap`."""
+    path = Path(path)
+    if not path.is_file():
+        raise HubError(f"weights file '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: object = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, HTML error page, pickle with code, ...
+        raise HubError(
+            f"cannot read weights file '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+            "Is it a complete PyTorch/safetensors file? Delete it and download it again."
+        ) from None
+    return _unwrap(obj, path)
+
+
+def save_weights(sd: StateDict, path: str | os.PathLike) -> Path:
+    """Write a state dict atomically: safetensors if ``path`` ends in ``.safetensors``, else ``torch.save``."""
+    path = Path(path)
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    with atomic_open(path, "wb") as f:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            f.write(save(sd))
+        else:
+            torch.save(sd, f)
+    return path
+
+
+def convert_file(src_path: str | os.PathLike, dst_path: str | os.PathLike, src: str = "auto",
+                 dst: str = "dinov2") -> Path:
+    """Read ``src_path`` (layout ``src``), write it in layout ``dst`` to ``dst_path`` atomically."""
+    out = convert_state_dict(read_weights(src_path), src, dst)
+    save_weights(out, dst_path)
+    logger.info("converted %s (%s) -> %s (%s), %d tensors", src_path, src, dst_path, dst, len(out))
+    return Path(dst_path)
