@@ -185,3 +185,26 @@ def test_metrics_are_truncated_to_the_resume_point(tmp_path):
     path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 8)) + '{"iteration": 8, "lo')
     MetricsWriter(tmp_path, start_iteration=4).close()
     assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_stop_request_checkpoints_the_current_iteration_and_resumes(tmp_path, photo_folder, monkeypatch):
+    from ssl_distill.train.trainer import TrainingInterrupted
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(TINY, tiny_overrides(photo_folder, **{"train.checkpoint_period": 100}))
+    trainer = Trainer(cfg, tmp_path)
+    real_step = trainer.step
+
+    def step(batch, it):
+        if it == 3:
+            trainer.request_stop()  # as a SIGUSR2/SIGTERM handler would, mid-iteration
+        return real_step(batch, it)
+
+    trainer.step = step
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.run()
+    assert info.value.iteration == 4  # iteration 3 finished; nothing after it ran
+    assert load_checkpoint(info.value.checkpoint)["iteration"] == 4
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    Trainer(load_config(TINY, tiny_overrides(photo_folder)), tmp_path).run()
+    assert [r["iteration"] for r in read_metrics(tmp_path)] == list(range(1, 9))

@@ -95,7 +95,7 @@ class Trainer:
         self.cfg = cfg
         self.total_iters = cfg.optim.epochs * cfg.train.iters_per_epoch
         self.global_batch = cfg.train.batch_size_per_gpu * self.world
-        self.stop_requested = False  # set by a signal handler (Slurm preemption / time limit)
+        self.stop_requested = False  # set by request_stop() (Slurm preemption / time-limit signal handlers)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.meta = SSLMetaArch(cfg).to(self.device)
         self.meta.autocast_dtype = resolve_precision(cfg, self.device)
@@ -111,6 +111,20 @@ class Trainer:
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
             save_config(cfg, self.output_dir / "config.yaml")
+
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint the current iteration and raise :class:`TrainingInterrupted`.
+
+        Safe to call from a signal handler. Ranks may receive their signals at different iterations; they agree
+        (all-reduce) at the next iteration boundary, so every rank stops at the same iteration.
+        """
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.world > 1 and self.device.type == "cuda":
+            flag = flag.to(self.device)
+        return bool(distributed.all_reduce_sum(flag).item() > 0)
 
     def _maybe_resume(self, resume: bool) -> int:
         latest = ckpt.find_latest_checkpoint(self.output_dir) if resume else None
@@ -169,8 +183,10 @@ class Trainer:
         self.meta.train()
         try:
             while it < self.total_iters:
-                if self.stop_requested:
-                    raise TrainingInterrupted(it, self.save(it))
+                if self._stop_agreed():
+                    path = self.save(it)
+                    logger.warning("stop requested: saved iteration %d to %s", it, path)
+                    raise TrainingInterrupted(it, path)
                 t0 = time.perf_counter()
                 batch = next(data_iter)
                 data_time += time.perf_counter() - t0
