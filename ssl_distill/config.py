@@ -136,6 +136,17 @@ class CropsConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """In-training k-NN monitor of the teacher; off while the datasets are empty."""
+
+    eval_period_iterations: int = 12500
+    knn_train_dataset: str = ""  # class-folder tree used as the k-NN memory bank
+    knn_val_dataset: str = ""  # class-folder tree with the same classes
+    knn_nb: list[int] = field(default_factory=lambda: [10, 20])
+    knn_temperature: float = 0.07
+
+
+@dataclass
 class SSLConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
@@ -144,6 +155,7 @@ class SSLConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
 def default_config() -> DictConfig:
@@ -289,6 +301,14 @@ def validate_config(cfg: DictConfig) -> None:
                 "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.min_lr",
                 "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "student.layerscale"):
         _check_range(cfg, key, 0)
+    _check_range(cfg, "evaluation.eval_period_iterations", 1)
+    _check_range(cfg, "evaluation.knn_temperature", 0, low_open=True)
+    _require(
+        bool(cfg.evaluation.knn_train_dataset) == bool(cfg.evaluation.knn_val_dataset), "evaluation.knn_val_dataset",
+        "set both evaluation.knn_train_dataset and evaluation.knn_val_dataset (or neither) for the k-NN monitor.",
+    )
+    _require(len(cfg.evaluation.knn_nb) > 0 and min(cfg.evaluation.knn_nb) >= 1, "evaluation.knn_nb",
+             f"expected a non-empty list of k >= 1, got {list(cfg.evaluation.knn_nb)}.")
     _check_range(cfg, "optim.base_lr", 0, low_open=True)
     _require(cfg.optim.lr >= 0, "optim.lr", f"{cfg.optim.lr} is negative; leave it at 0 to derive it from base_lr.")
     for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher", "student.drop_path_rate",

@@ -12,6 +12,7 @@ import torch
 from train_utils import TINY, popen_train, run_train, tiny_overrides
 
 from ssl_distill.config import load_config
+from ssl_distill.data.digits import write_digits_folders
 from ssl_distill.models import vit_tiny
 from ssl_distill.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
@@ -84,7 +85,9 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, photo_folder):
     # LayerScale 1.0: with the tiny config's 1e-5 the random-init CLS tokens are near-duplicates (nearest-neighbour
     # distance ~3e-5), where KoLeo's -log(distance) turns fp32 rounding of different batch splits into ~0.2%.
     one, ddp, fsdp = tmp_path / "one", tmp_path / "ddp", tmp_path / "fsdp"
-    ls = {"student.layerscale": 1.0}
+    train_dir, val_dir = write_digits_folders(tmp_path / "digits", 6, 3)
+    ls = {"student.layerscale": 1.0, "evaluation.knn_train_dataset": train_dir, "evaluation.knn_val_dataset": val_dir,
+          "evaluation.eval_period_iterations": 4}
     _assert_ok(run_train(one, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 8}, **ls)))
     _assert_ok(run_train(ddp, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4}, **ls), nproc=2))
     _assert_ok(run_train(fsdp, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4,
@@ -95,6 +98,11 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, photo_folder):
         assert [i for i, _ in got] == [i for i, _ in ref]
         for (_, a), (_, b) in zip(got, ref):
             assert a == pytest.approx(b, rel=2e-4, abs=2e-5), run.name
+    # the k-NN monitor ran at iterations 4 and 8 in every run, FSDP included (plain copy of the sharded teacher)
+    for run in (one, ddp, fsdp):
+        knn = [(r["iteration"], r["knn_top1_k10"]) for r in read_metrics(run) if "knn_top1_k10" in r]
+        assert [i for i, _ in knn] == [4, 8] and all(0.0 <= a <= 100.0 for _, a in knn), run.name
+    assert [r.get("knn_top1_k20") for r in read_metrics(ddp)] == [r.get("knn_top1_k20") for r in read_metrics(fsdp)]
     # FSDP writes the same full (unsharded) state as DDP, with the same keys and shapes
     d = load_checkpoint(find_latest_checkpoint(ddp))
     f = load_checkpoint(find_latest_checkpoint(fsdp))

@@ -204,7 +204,11 @@ def load_pretrained_backbone(
     """
     path = Path(os.path.expanduser(weights))
     if weights == RANDOM_WEIGHTS:
-        model, info = backbone_from_config(_config(config_file, overrides)), {"source": "random"}
+        cfg = _config(config_file, overrides)
+        with torch.random.fork_rng(devices=[]):  # reproducible baseline: seeded by train.seed, caller's RNG untouched
+            torch.manual_seed(cfg.train.seed)
+            model = backbone_from_config(cfg)
+        info = {"source": "random", "seed": int(cfg.train.seed)}
     elif path.is_file():
         obj = _read_file(path)
         if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

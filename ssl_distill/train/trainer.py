@@ -26,8 +26,9 @@ from ssl_distill.data import InfiniteSampler, MaskingGenerator, MultiCropAugment
 from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
-from ssl_distill.train.meta_arch import SSLMetaArch
+from ssl_distill.train.meta_arch import SSLMetaArch, backbone_kwargs
 from ssl_distill.train.metrics import MetricsWriter
+from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.state import (
@@ -106,6 +107,7 @@ class Trainer:
             groups += param_groups(module, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, name == "backbone")
         self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
         self.schedules = build_schedules(cfg)
+        self.monitor = KnnMonitor(cfg, backbone_kwargs(cfg, student=False)) if KnnMonitor.enabled(cfg) else None
         self.start_iter = self._maybe_resume(resume)
         self.last_checkpoint = ckpt.find_latest_checkpoint(self.output_dir)
         if distributed.is_main_process():
@@ -193,6 +195,10 @@ class Trainer:
                 broken += int(distributed.all_reduce_sum(batch["n_broken"].clone()).item())
                 record = self.step(batch, it)
                 it += 1
+                if self.monitor is not None and (
+                    it % cfg.evaluation.eval_period_iterations == 0 or it == self.total_iters
+                ):
+                    record.update(self._evaluate())
                 if it % cfg.train.log_period == 0 or it == self.total_iters:
                     n = it % cfg.train.log_period or cfg.train.log_period
                     elapsed = time.perf_counter() - window_start
@@ -205,6 +211,13 @@ class Trainer:
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
+
+    def _evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        result = self.monitor(self.meta.teacher.backbone, self.device, sharded=self.cfg.train.sharding == "fsdp"
+                              and self.world > 1)
+        logger.info("k-NN monitor: %s (%.1f s)", result, time.perf_counter() - t0)
+        return result
 
     def _record(self, it: int, rec: dict[str, float], n: int, elapsed: float, data_time: float, broken: int) -> dict:
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
