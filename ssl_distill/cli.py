@@ -171,6 +171,53 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     conv.set_defaults(func=cmd_convert)
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    from ssl_distill.data import BrokenImageError
+    from ssl_distill.eval.weights import WeightsError, load_pretrained_backbone
+    from ssl_distill.viz.attention import collect_image_paths, visualize_images
+
+    if args.image_size < 1 or not 0.0 <= args.threshold <= 1.0:
+        raise UserError("--image-size must be >= 1 and --threshold in [0, 1] (0 = no masks).")
+    try:
+        paths = collect_image_paths(args.images)
+        model, _ = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts)
+        if args.image_size < model.patch_size:
+            raise UserError(f"--image-size {args.image_size} is smaller than the patch size {model.patch_size}.")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        written = visualize_images(model, paths, args.output_dir, args.image_size, args.threshold or None, device)
+    except (FileNotFoundError, BrokenImageError, WeightsError) as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote {len(written)} attention figure(s) to {args.output_dir}")
+    return 0
+
+
+def _add_visualize_command(sub: argparse._SubParsersAction) -> None:
+    """``visualize``: CLS-attention maps of the last block to PNG (ssl_distill.viz)."""
+    viz = sub.add_parser(
+        "visualize", help="save the last block's CLS-attention maps (per head + mean) as PNGs, as in DINO",
+        description="Writes OUTPUT_DIR/<image stem>_attention.png per image: the input, one heat map per head, the "
+        "head mean and (with --threshold) the patches holding that fraction of each map's attention mass.",
+    )
+    viz.add_argument("--pretrained-weights", required=True,
+                     help="a training checkpoint (teacher backbone), an exported backbone / official DINOv2 state "
+                          "dict (architecture from --config-file and key=value overrides), a model-zoo name, or "
+                          "'random'")
+    viz.add_argument("--images", nargs="+", required=True, metavar="IMG",
+                     help="image files and/or folders of images (not recursive)")
+    viz.add_argument("--output-dir", required=True, help="where the PNGs are written")
+    viz.add_argument("--image-size", type=int, default=480,
+                     help="resize the shorter side to this (aspect kept), then crop to multiples of the patch size; "
+                          "larger sizes give finer maps")
+    viz.add_argument("--threshold", type=float, default=0.6,
+                     help="also show the fewest patches holding this fraction of each map's attention mass "
+                          "(DINO's masks; 0 = off)")
+    viz.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_config_args(viz)
+    viz.set_defaults(func=cmd_visualize)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ssl_distill.demo import run_demo
 
@@ -223,6 +270,7 @@ def _build_parser() -> argparse.ArgumentParser:
     linear.set_defaults(func=cmd_eval_linear)
 
     _add_hub_commands(sub)
+    _add_visualize_command(sub)
 
     demo = sub.add_parser("demo", help="run the built-in demo on bundled data and print the result")
     _add_config_args(demo)

@@ -33,7 +33,8 @@ def test_defaults_are_the_dinov2_recipe():
 
 
 def test_section_names_match_dinov2():
-    assert set(default_config().keys()) == {"dino", "ibot", "train", "student", "teacher", "optim", "crops", "evaluation"}
+    expected = {"dino", "ibot", "train", "student", "teacher", "optim", "crops", "evaluation"}
+    assert set(default_config().keys()) == expected
 
 
 def test_layering_defaults_then_yaml_then_dotlist(tmp_path):
