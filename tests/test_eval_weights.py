@@ -79,7 +79,8 @@ def test_random_weights_are_seeded_and_hashed():
     torch.rand(5)
     _, ib = load_pretrained_backbone("random", TINY)
     _, ic = load_pretrained_backbone("random", TINY, ["train.seed=1"])
-    assert ia["weights_hash"] == ib["weights_hash"] != ic["weights_hash"]
+    _, id_ = load_pretrained_backbone("random", TINY, seed=1)  # the eval commands' --seed
+    assert ia["weights_hash"] == ib["weights_hash"] != ic["weights_hash"] == id_["weights_hash"]
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), after)  # the caller's RNG stream is left where it was
     assert not a.training and not any(p.requires_grad for p in a.parameters())

@@ -96,7 +96,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
     try:
-        model, info = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts)
+        model, info = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts, seed=args.seed)
     except WeightsError as err:
         raise EvalInputError(str(err)) from None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.autocast]

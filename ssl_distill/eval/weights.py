@@ -195,9 +195,11 @@ def _from_zoo(name: str, config_file: str | None, overrides: Sequence[str]) -> t
 
 
 def load_pretrained_backbone(
-    weights: str, config_file: str | None = None, overrides: Sequence[str] = ()
+    weights: str, config_file: str | None = None, overrides: Sequence[str] = (), seed: int | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Resolve ``weights`` (see the module docstring) into ``(backbone in eval mode, info)``.
+
+    ``seed`` seeds the ``random`` baseline (default: the config's ``train.seed``); the caller's RNG is untouched.
 
     ``info`` has ``source`` (``random``/``checkpoint``/``state_dict``/``zoo``), ``weights_hash`` (sha256 of the
     loaded state dict, for feature caches) and, for files, ``path``.
@@ -206,9 +208,10 @@ def load_pretrained_backbone(
     if weights == RANDOM_WEIGHTS:
         cfg = _config(config_file, overrides)
         with torch.random.fork_rng(devices=[]):  # reproducible baseline: seeded by train.seed, caller's RNG untouched
-            torch.manual_seed(cfg.train.seed)
+            seed = int(cfg.train.seed if seed is None else seed)
+            torch.manual_seed(seed)
             model = backbone_from_config(cfg)
-        info = {"source": "random", "seed": int(cfg.train.seed)}
+        info = {"source": "random", "seed": seed}
     elif path.is_file():
         obj = _read_file(path)
         if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:

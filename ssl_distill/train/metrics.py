@@ -48,12 +48,13 @@ class MetricsWriter:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "iteration":
                     self._tb.add_scalar(k, v, record["iteration"])
+        line = (f"[it {record['iteration']}/{record['total_iterations']}] loss {record['total_loss']:.4f} "
+                f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s")
         if self._tty:
-            sys.stderr.write(
-                f"\r[it {record['iteration']}/{record['total_iterations']}] loss {record['total_loss']:.4f} "
-                f"lr {record['lr']:.2e} {record['images_per_s']:.1f} img/s   "
-            )
+            sys.stderr.write(f"\r{line}   ")
             sys.stderr.flush()
+        else:  # logs, Slurm output files, CI: one line per logging period
+            logger.info(line)
 
     def close(self) -> None:
         if self._tb is not None:
