@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ssl_distill.config import ConfigError
 
@@ -49,14 +50,17 @@ def _setup_run_logging(output_dir: str, verbose: bool) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ssl_distill.config import load_config
     from ssl_distill.data import BrokenImageError
-    from ssl_distill.train.trainer import TrainingDiverged, train
+    from ssl_distill.train.trainer import Trainer, TrainingDiverged
 
     cfg = load_config(args.config_file, args.opts)
     if not cfg.train.dataset_path:
         raise UserError("train.dataset_path is empty: add train.dataset_path=/path/to/images (folder or list file).")
     _setup_run_logging(args.output_dir, args.verbose)
     try:
-        summary = train(cfg, args.output_dir, resume=not args.no_resume)
+        trainer = Trainer(cfg, args.output_dir, resume=not args.no_resume)
+        if getattr(args, "on_trainer", None) is not None:
+            args.on_trainer(trainer)  # the Slurm launcher installs its stop-on-preemption hook here
+        summary = trainer.run()
     except (FileNotFoundError, BrokenImageError) as exc:
         raise UserError(str(exc)) from None
     except TrainingDiverged as exc:
@@ -218,6 +222,50 @@ def _add_visualize_command(sub: argparse._SubParsersAction) -> None:
     viz.set_defaults(func=cmd_visualize)
 
 
+def _validate_submitted(command: str, command_args: list[str]) -> None:
+    """Catch mistakes in the pass-through arguments now rather than after the job waited in the queue."""
+    from pathlib import Path
+
+    sub = _build_parser().parse_args([command, *command_args])  # argparse errors exit here with usage
+    if command == "train":
+        from ssl_distill.config import load_config
+
+        dataset = load_config(sub.config_file, sub.opts).train.dataset_path
+        if not dataset:
+            raise UserError("train.dataset_path is empty: add train.dataset_path=/path/to/images after `train`.")
+        paths = {"train.dataset_path": dataset}
+    else:
+        paths = {"--train-dataset": sub.train_dataset, "--val-dataset": sub.val_dataset}
+    for name, path in paths.items():
+        if not Path(path).exists():
+            raise UserError(f"{name} {path} does not exist (paths are read by the job on the compute nodes).")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from ssl_distill.launch import slurm
+
+    try:
+        slurm.check_slurm_available()
+        command_args = slurm.with_output_dir(args.command_args, args.output_dir)
+        _validate_submitted(args.command, command_args)
+        job = slurm.submit(args, command_args)
+    except slurm.SubmitError as exc:
+        raise UserError(str(exc)) from None
+    print(slurm.describe_submission(job, args))
+    return 0
+
+
+def _add_submit_command(sub: argparse._SubParsersAction) -> None:
+    from ssl_distill.launch.args import SUBMIT_DESCRIPTION, SUBMIT_EPILOG, add_submit_args  # argparse only
+
+    submit = sub.add_parser(
+        "submit", help="run train / eval-knn / eval-linear on Slurm (submitit; requeues on preemption)",
+        description=SUBMIT_DESCRIPTION, epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_submit_args(submit)
+    submit.set_defaults(func=cmd_submit)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ssl_distill.demo import run_demo
 
@@ -242,6 +290,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", required=True, help="checkpoints, metrics, config.yaml and logs go here")
     train.add_argument("--no-resume", action="store_true", help="start over even if --output-dir has checkpoints")
     train.set_defaults(func=cmd_train)
+    _add_submit_command(sub)
 
     export = sub.add_parser("export", help="write a checkpoint's teacher backbone as an official-layout state dict")
     export.add_argument("--checkpoint", required=True, help="a training checkpoint (model_XXXXXXX.pth)")
@@ -279,9 +328,11 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, on_trainer: Callable[[Any], None] | None = None) -> int:
+    """Run one command; returns the exit status. ``on_trainer`` is called with the Trainer before ``train`` runs."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.on_trainer = on_trainer
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,285 @@
+"""``ssl-distill submit``: run train / eval-knn / eval-linear on Slurm through submitit, surviving preemption.
+
+One Slurm task per GPU (``--gpus-per-node N`` -> N tasks per node; CPU jobs take ``--tasks-per-node``). Every task
+runs :class:`SlurmCommand`, which initialises ``torch.distributed`` from the Slurm variables
+(:func:`ssl_distill.distributed.init_distributed`: rank, local rank, world size, master address from the node list,
+a port derived from the job id) and then the ``ssl-distill`` command with the pass-through arguments.
+
+Preemption and time limits: submitit asks Slurm for ``USR2`` 90 s before the time limit, and clusters with
+``preempt_send_user_signal`` send it on preemption. A training task turns the signal into
+:meth:`Trainer.request_stop`: the ranks agree at the next iteration boundary, checkpoint *that* iteration and stop;
+then submitit's own handler calls :meth:`SlurmCommand.checkpoint` (the same command with one more requeue counted),
+pickles it and requeues the job, which resumes from the checkpoint with the same data order. At most one iteration is
+lost. After ``--max-requeues`` requeues the job ends instead (``UncompletedJobError`` in the log). Evaluation jobs are
+simply requeued and run again.
+
+Output directory layout (``DIR``)::
+
+    config.yaml                    the full resolved config (train)
+    model_XXXXXXX.pth, last_checkpoint, training_metrics.jsonl, teacher_backbone.pth   (train)
+    results_eval_knn.json, results_eval_linear.json, best_linear_head.pth              (eval)
+    logs/rank{r}.log               every rank's log
+    slurm/                         submitit: <job>_submission.sh, <job>_submitted.pkl, <job>_<task>_log.out/.err
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ssl_distill.launch.args import ENV_DEFAULTS
+
+logger = logging.getLogger(__name__)
+SLURM_SUBDIR = "slurm"
+_RUN_LOCALLY = ("To run without Slurm: `ssl-distill train --output-dir DIR ...` (one process) or "
+                "`torchrun --nproc_per_node=N -m ssl_distill.cli train --output-dir DIR ...` (N processes).")
+
+
+class SubmitError(Exception):
+    """A submission the user can fix (no Slurm here, a finished run in DIR, conflicting flags)."""
+
+
+def check_slurm_available(which: Callable[[str], str | None] = shutil.which) -> None:
+    """Raise :class:`SubmitError` unless ``sbatch`` and ``squeue`` are on ``PATH``."""
+    missing = [tool for tool in ("sbatch", "squeue") if which(tool) is None]
+    if missing:
+        raise SubmitError(f"Slurm is not available on this machine ({' and '.join(missing)} not found on PATH). "
+                          + _RUN_LOCALLY)
+
+
+def with_output_dir(command_args: list[str], output_dir: str) -> list[str]:
+    """``command_args`` with ``--output-dir output_dir`` appended; a different ``--output-dir`` in them is an error."""
+    for i, arg in enumerate(command_args):
+        value = None
+        if arg == "--output-dir" and i + 1 < len(command_args):
+            value = command_args[i + 1]
+        elif arg.startswith("--output-dir="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            if Path(value).resolve() != Path(output_dir).resolve():
+                raise SubmitError(f"the command's --output-dir {value} differs from submit's --output-dir "
+                                  f"{output_dir}; give it once, before the command")
+            return list(command_args)
+    return [*command_args, "--output-dir", str(output_dir)]
+
+
+def finished_marker(command: str, output_dir: str | os.PathLike) -> Path:
+    """The file whose presence means ``command`` already finished in ``output_dir``."""
+    if command == "train":
+        from ssl_distill.train.trainer import TEACHER_EXPORT
+
+        return Path(output_dir) / TEACHER_EXPORT
+    from ssl_distill.eval.commands import KNN_RESULTS, LINEAR_RESULTS
+
+    return Path(output_dir) / (KNN_RESULTS if command == "eval-knn" else LINEAR_RESULTS)
+
+
+def check_output_dir(command: str, output_dir: str | os.PathLike, continue_run: bool) -> None:
+    """Refuse a directory that holds a finished ``command`` run (unless ``continue_run``)."""
+    marker = finished_marker(command, output_dir)
+    if marker.exists() and not continue_run:
+        what = ("a finished training run" if command == "train" else f"finished {command} results")
+        raise SubmitError(f"{output_dir} already holds {what} ({marker.name}). Choose another --output-dir, or pass "
+                          "--continue to run again there (train resumes from its last checkpoint, e.g. with a "
+                          "larger optim.epochs).")
+
+
+def active_jobs(output_dir: str | os.PathLike, timeout_s: float = 60) -> dict[str, str]:
+    """Jobs submitted into ``output_dir`` that Slurm still lists (job id -> state), from ``squeue --me``."""
+    folder = Path(output_dir) / SLURM_SUBDIR
+    ours = {p.name.split("_")[0] for p in folder.glob("*_submission.sh")}
+    if not ours:
+        return {}
+    try:
+        proc = subprocess.run(["squeue", "--me", "--noheader", "--format=%i %T"], capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"squeue did not answer within {timeout_s:.0f} s: is slurmctld reachable?") from None
+    if proc.returncode != 0:
+        raise SubmitError(f"squeue failed: {proc.stderr.strip()}")
+    listed = dict(line.split(maxsplit=1) for line in proc.stdout.splitlines() if line.strip())
+    return {job: state for job, state in listed.items() if job.split("_")[0] in ours}
+
+
+def _package_root() -> Path:
+    import ssl_distill
+
+    return Path(ssl_distill.__file__).resolve().parents[1]
+
+
+def job_setup(cpus_per_task: int) -> list[str]:
+    """Shell lines run by the batch script before ``srun``: threads per task, and the source tree on PYTHONPATH.
+
+    The job runs ``python -m submitit.core._submit`` with this interpreter; when ``ssl_distill`` comes from a source
+    checkout (not site-packages) the checkout goes on ``PYTHONPATH`` so the job imports the code that submitted it.
+    """
+    lines = [f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{cpus_per_task}}}"]
+    root = _package_root()
+    if not {"site-packages", "dist-packages"} & set(root.parts):
+        lines.append(f'export PYTHONPATH="{root}${{PYTHONPATH:+:$PYTHONPATH}}"')
+    return lines
+
+
+def executor_parameters(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``AutoExecutor.update_parameters`` keywords for the submit flags; placement defaults from ``environ``."""
+    env = os.environ if environ is None else environ
+    gpus = args.gpus_per_node
+    if gpus > 0 and args.tasks_per_node not in (None, gpus):
+        raise SubmitError(f"--tasks-per-node {args.tasks_per_node} with --gpus-per-node {gpus}: GPU jobs run one "
+                          "task per GPU; leave --tasks-per-node out (it is for CPU jobs, --gpus-per-node 0)")
+    params: dict[str, Any] = {
+        "name": args.job_name or f"ssl-distill-{args.command}",
+        "nodes": args.nodes,
+        "tasks_per_node": gpus if gpus > 0 else (args.tasks_per_node or 1),
+        "cpus_per_task": args.cpus_per_task,
+        "timeout_min": args.timeout,
+        "gpus_per_node": gpus if gpus > 0 else None,
+        "mem_gb": args.mem_gb,
+        "slurm_exclude": args.exclude,
+        "slurm_comment": args.comment,
+        "slurm_setup": job_setup(args.cpus_per_task),
+    }
+    for key, var in ENV_DEFAULTS.items():
+        params[f"slurm_{key}"] = getattr(args, key) or env.get(var) or None
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class _StopOnSignal:
+    """Turns submitit's preemption/timeout signal into ``Trainer.request_stop()``, and requeues after the save.
+
+    submitit's handler (kept in ``requeue_handler``) checkpoints and requeues *immediately*; we defer it until the
+    trainer has saved the current iteration.
+    """
+
+    def __init__(self) -> None:
+        import submitit
+
+        self.signum = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        self.requeue_handler = signal.getsignal(self.signum)
+        self.trainer: Any = None
+        self.received = False
+        signal.signal(self.signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if self.trainer is not None:
+            self.trainer.request_stop()
+
+    def attach(self, trainer: Any) -> None:
+        """Called with the Trainer before it runs (a signal that came during start-up stops it at once)."""
+        self.trainer = trainer
+        if self.received:
+            trainer.request_stop()
+
+    def restore(self) -> None:
+        signal.signal(self.signum, self.requeue_handler)
+
+
+@dataclass
+class SlurmCommand:
+    """What submitit pickles and every task runs: ``ssl-distill <command> <args>``, requeueable.
+
+    ``requeues`` counts the requeues so far; :meth:`checkpoint` refuses once it reaches ``max_requeues``.
+    ``backend``: the ``torch.distributed`` backend (``gloo`` for CPU jobs; None picks NCCL when CUDA is present).
+    """
+
+    command: str
+    args: list[str] = field(default_factory=list)
+    max_requeues: int = 30
+    backend: str | None = None
+    requeues: int = 0
+
+    def __call__(self) -> int:
+        from ssl_distill import cli, distributed
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")  # as the CLI's; its own basicConfig then keeps this one
+        env = distributed.init_distributed(backend=self.backend)
+        logger.info("ssl-distill %s on Slurm: rank %d/%d (local %d), requeue %d/%d", self.command, env.rank,
+                    env.world_size, env.local_rank, self.requeues, self.max_requeues)
+        code = self._train() if self.command == "train" else cli.main([self.command, *self.args])
+        if code != 0:
+            raise RuntimeError(f"ssl-distill {self.command} exited with status {code} (see the messages above)")
+        return code
+
+    def _train(self) -> int:
+        from ssl_distill import cli, distributed
+        from ssl_distill.train.trainer import TrainingInterrupted
+
+        stop = _StopOnSignal()
+        try:
+            return cli.main(["train", *self.args], on_trainer=stop.attach)
+        except TrainingInterrupted as exc:
+            logger.warning("%s; handing over to submitit to requeue", exc)
+            stop.restore()
+            if not callable(stop.requeue_handler) or self.requeues >= self.max_requeues:
+                raise  # not under submitit, or out of requeues: every rank ends with the same error
+            stop.requeue_handler(stop.signum, None)  # rank 0: checkpoint() -> requeue -> exit; others return
+            if distributed.detect_environment().rank == 0:
+                raise  # submitit declined to requeue without raising: end as interrupted
+            _wait_to_be_requeued()
+            raise
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same command with one more requeue counted, or None when out of requeues."""
+        import submitit
+
+        if self.requeues >= self.max_requeues:
+            logger.error("not requeuing: --max-requeues %d reached", self.max_requeues)
+            return None
+        resumed = [a for a in self.args if a != "--no-resume"]  # a requeued training run must resume
+        return submitit.helpers.DelayedSubmission(replace(self, args=resumed, requeues=self.requeues + 1))
+
+
+def _wait_to_be_requeued(limit_s: float = 300.0) -> None:
+    """Ranks other than 0 wait for Slurm to end this run of the job (rank 0 requeued it; exiting first could end the
+    job step before the requeue lands). ``limit_s`` bounds the wait should the requeue never come."""
+    time.sleep(limit_s)
+
+
+def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
+    """Submit ``args.command`` with ``command_args`` into ``args.output_dir``; returns the submitit Job."""
+    import submitit
+    from submitit.core.utils import FailedJobError
+
+    check_slurm_available()
+    check_output_dir(args.command, args.output_dir, args.continue_run)
+    running = active_jobs(args.output_dir)
+    if running:
+        listing = ", ".join(f"{job} ({state})" for job, state in sorted(running.items()))
+        raise SubmitError(f"{args.output_dir} is in use by job {listing}; wait for it, `scancel` it, or choose "
+                          "another --output-dir")
+    folder = Path(args.output_dir) / SLURM_SUBDIR
+    folder.mkdir(parents=True, exist_ok=True)
+    # submitit counts time-outs only; SlurmCommand.checkpoint counts every requeue against the same bound
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    executor.update_parameters(**executor_parameters(args))
+    job_fn = SlurmCommand(args.command, list(command_args), args.max_requeues,
+                          backend="gloo" if args.gpus_per_node == 0 else None)
+    try:
+        return executor.submit(job_fn)
+    except FailedJobError as exc:  # sbatch's stderr, e.g. an unknown partition or too long a time limit
+        raise SubmitError(f"sbatch refused the job: {exc}") from None
+
+
+def describe_submission(job: Any, args: argparse.Namespace, python: str = sys.executable) -> str:
+    """What ``ssl-distill submit`` prints: job id, output directory, how to follow the logs."""
+    folder = Path(args.output_dir) / SLURM_SUBDIR
+    tasks = args.gpus_per_node or args.tasks_per_node or 1
+    return "\n".join([
+        f"submitted job {job.job_id}: ssl-distill {args.command} on {args.nodes} node(s) x {tasks} task(s)",
+        f"output dir: {args.output_dir}",
+        f"logs:       {folder / f'{job.job_id}_0_log.out'} (and .err; task t: {job.job_id}_<t>_log.*)",
+        f"follow:     tail -f {folder / f'{job.job_id}_0_log.err'}",
+        f"status:     squeue -j {job.job_id}   |   sacct -j {job.job_id}   |   cancel: scancel {job.job_id}",
+    ])
