@@ -33,6 +33,8 @@ EXTRAS = {
         "matplotlib>=3.7",
     ],
     "xformers": ["xformers>=0.0.27"],
+    # benchmarks/: the lightly + timm baseline of train_step.py, real photos for data_pipeline.py.
+    "bench": ["lightly>=1.5", "scikit-learn>=1.3", "scikit-image>=0.22"],
     "tensorboard": ["tensorboard>=2.14"],
 }
 

@@ -217,3 +217,32 @@ def test_colour_jitter_and_grayscale_rates(photos):
     assert_rate(spy.calls, n, 0.8)
     gray = [s for s in steps(aug.local_transfo) if isinstance(s, v2.RandomGrayscale)]
     assert len(gray) == 1 and gray[0].p == 0.2
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
+def test_separable_blur_matches_torchvision_gaussian_blur(sigma):
+    """The two-pass blur used by the pipeline is torchvision's 9x9 Gaussian blur up to float rounding."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from ssl_distill.data.augment import separable_gaussian_blur
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g)
+    ref = TF.gaussian_blur(x, [9, 9], [sigma, sigma])
+    out = separable_gaussian_blur(x, (9, 9), (sigma, sigma))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    diff = (out.int() - ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+    xf = x.float() / 255
+    torch.testing.assert_close(separable_gaussian_blur(xf, (9, 9), (sigma, sigma)),
+                               TF.gaussian_blur(xf, [9, 9], [sigma, sigma]), rtol=0, atol=1e-5)
+
+
+def test_pipeline_blur_is_a_gaussian_blur_with_the_recipe_parameters():
+    from ssl_distill.data.augment import SeparableGaussianBlur
+
+    aug = MultiCropAugmentation(local_crops_number=1, global_crops_size=32, local_crops_size=16)
+    blurs = [s.transforms[0] for s in aug.global_transfo1.transforms if isinstance(s, v2.RandomApply)
+             and isinstance(s.transforms[0], v2.GaussianBlur)]
+    assert len(blurs) == 1 and isinstance(blurs[0], SeparableGaussianBlur)
+    assert list(blurs[0].kernel_size) == [9, 9] and list(blurs[0].sigma) == [0.1, 2.0]

@@ -6,6 +6,7 @@ grayscale, Gaussian blur, solarisation, ImageNet normalisation.
 
 Everything runs on ``torchvision.transforms.v2`` with ``uint8`` CHW tensors until the very last step
 (``ToDtype(float32, scale=True)`` + ``Normalize``): cropping, resizing and the colour ops are cheaper on bytes.
+The 9x9 Gaussian blur runs as two 1-D passes (:class:`SeparableGaussianBlur`, same kernel as torchvision's).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-__all__ = ["MultiCropAugmentation", "to_rgb_uint8"]
+__all__ = ["MultiCropAugmentation", "SeparableGaussianBlur", "to_rgb_uint8"]
 
 _MIN_CROP_SIZE = 5  # the 9x9 blur reflect-pads 4 pixels on each side, which needs at least 5 pixels
 
@@ -54,6 +55,51 @@ def to_rgb_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
     raise TypeError(
         f"MultiCropAugmentation expects a PIL.Image.Image or a uint8 torch.Tensor, got {type(image).__name__}."
     )
+
+
+def _gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """torchvision's 1-D Gaussian kernel (``linspace`` taps, normalised to sum 1)."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return pdf / pdf.sum()
+
+
+def separable_gaussian_blur(
+    image: torch.Tensor, kernel_size: tuple[int, int], sigma: tuple[float, float]
+) -> torch.Tensor:
+    """Gaussian blur of a ``(C, H, W)`` / ``(..., C, H, W)`` image as two 1-D convolutions.
+
+    Same kernel, reflect padding, rounding and dtype handling as ``torchvision.transforms.v2.functional
+    .gaussian_blur`` (whose 2-D kernel is the outer product of the same two 1-D kernels), with ``2k`` instead of
+    ``k**2`` multiply-adds per pixel; results agree up to float rounding (uint8 outputs may differ by 1).
+    ``kernel_size`` and ``sigma`` are ``(x, y)`` (width, height) pairs, as in torchvision.
+    """
+    dtype = image.dtype
+    shape = image.shape
+    x = image.reshape(-1, 1, shape[-2], shape[-1])
+    x = x.float() if not x.is_floating_point() else x
+    kx = _gaussian_kernel1d(kernel_size[0], sigma[0]).to(x)
+    ky = _gaussian_kernel1d(kernel_size[1], sigma[1]).to(x)
+    px, py = kernel_size[0] // 2, kernel_size[1] // 2
+    x = torch.nn.functional.pad(x, [px, px, py, py], mode="reflect")
+    x = torch.nn.functional.conv2d(x, kx.view(1, 1, 1, -1))
+    x = torch.nn.functional.conv2d(x, ky.view(1, 1, -1, 1))
+    if not dtype.is_floating_point:
+        x = x.round_().clamp_(0, 255 if dtype == torch.uint8 else torch.iinfo(dtype).max)
+    return x.to(dtype).reshape(shape)
+
+
+class SeparableGaussianBlur(v2.GaussianBlur):
+    """``v2.GaussianBlur`` (same parameters and random sigma) computed by :func:`separable_gaussian_blur` for
+    plain image tensors: about 4x cheaper for a 9x9 kernel. Other inputs go to torchvision's kernel."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if type(inpt) is torch.Tensor and inpt.ndim >= 3:
+            sigma = params["sigma"]
+            size = (int(self.kernel_size[0]), int(self.kernel_size[1]))
+            return separable_gaussian_blur(inpt, size, (float(sigma[0]), float(sigma[1])))
+        return super().transform(inpt, params)
 
 
 def _check_scale(name: str, scale: Any) -> tuple[float, float]:
@@ -153,7 +199,7 @@ class MultiCropAugmentation:
             v2.RandomHorizontalFlip(p=self.flip_p),
             v2.RandomApply([v2.ColorJitter(*self.color_jitter)], p=self.color_jitter_p),
             v2.RandomGrayscale(p=self.grayscale_p),
-            v2.RandomApply([v2.GaussianBlur(self.blur_kernel_size, sigma=self.blur_sigma)], p=blur_p),
+            v2.RandomApply([SeparableGaussianBlur(self.blur_kernel_size, sigma=self.blur_sigma)], p=blur_p),
         ]
         if solarize_p > 0:
             steps.append(v2.RandomApply([v2.RandomSolarize(self.solarize_threshold, p=1.0)], p=solarize_p))

@@ -24,24 +24,33 @@ from ssl_distill.eval.features import shard_range
 
 
 def topk_neighbours(
-    queries: Tensor, train: Tensor, k: int, train_chunk: int = 65536
+    queries: Tensor, train: Tensor, k: int, train_chunk: int = 65536, train_scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` largest similarities ``queries @ train.T`` per query, scanning ``train`` in chunks.
 
-    Args: queries ``(Q, D)``, train ``(N, D)`` (both already normalised). Returns ``(sims (Q, k), index (Q, k))``,
-    sorted by decreasing similarity. ``k`` is clipped to ``N``.
+    Args: queries ``(Q, D)``, train ``(N, D)`` (both already normalised, or ``train_scale`` ``(N,)`` multiplies
+    column ``i`` of the similarities, e.g. ``1 / |train_i|``, so no normalised copy of ``train`` is needed).
+    Returns ``(sims (Q, k), index (Q, k))``, sorted by decreasing similarity. ``k`` is clipped to ``N``.
     """
     k = min(k, train.shape[0])
     best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
     best_idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
     for start in range(0, train.shape[0], train_chunk):
-        chunk = train[start : start + train_chunk]
+        chunk = train[start : start + train_chunk].to(queries.dtype)
         sims = queries @ chunk.T
+        if train_scale is not None:
+            sims *= train_scale[start : start + chunk.shape[0]]
         idx = torch.arange(start, start + chunk.shape[0], device=queries.device).expand_as(sims)
         sims, idx = torch.cat([best_sim, sims], dim=1), torch.cat([best_idx, idx], dim=1)
         best_sim, pos = sims.topk(min(k, sims.shape[1]), dim=1)
         best_idx = idx.gather(1, pos)
     return best_sim, best_idx
+
+
+def _inverse_row_norms(x: Tensor, eps: float = 1e-12, chunk: int = 65536) -> Tensor:
+    """``1 / max(|x_i|, eps)`` per row in float32 (as ``F.normalize``), computed chunk by chunk."""
+    norms = torch.cat([x[i : i + chunk].float().norm(dim=1) for i in range(0, x.shape[0], chunk)])
+    return 1.0 / norms.clamp_min(eps)
 
 
 def weighted_votes(sims: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
@@ -69,16 +78,18 @@ def knn_correct_counts(
     A top-5 hit needs the true class among the 5 highest-voted classes *and* at least one vote (with ``k < 5``
     fewer than 5 classes get votes; the reference implementations then count arbitrary zero-vote classes).
 
-    Features are L2-normalised here; ``train_features (N, D)``, ``test_features (Q, D)``, labels int64.
+    Features are L2-normalised here; ``train_features (N, D)``, ``test_features (Q, D)``, labels int64. The train
+    matrix is never copied (its inverse row norms scale the similarities), so peak memory stays near the size of
+    the features plus one ``query_batch x train_chunk`` block.
     """
     num_classes = int(num_classes or int(train_labels.max()) + 1)
-    train = F.normalize(train_features.float(), dim=1)
+    train_scale = _inverse_row_norms(train_features)
     test = F.normalize(test_features.float(), dim=1)
     max_k = max(ks)
     counts = {k: torch.zeros(2, dtype=torch.long) for k in ks}
     for start in range(0, test.shape[0], query_batch):
         q, target = test[start : start + query_batch], test_labels[start : start + query_batch]
-        sims, idx = topk_neighbours(q, train, max_k, train_chunk)
+        sims, idx = topk_neighbours(q, train_features, max_k, train_chunk, train_scale)
         neighbour_labels = train_labels[idx]
         for k in ks:
             votes = weighted_votes(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)

@@ -12,8 +12,10 @@ al. (2021). Kernels, all computing ``softmax(Q K^T * scale) V``:
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from types import ModuleType
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -95,6 +97,16 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
 
 
+def scaled_linear(linear: nn.Linear, x: Tensor, scale: Tensor | None = None) -> Tensor:
+    """``linear(x) * scale`` (``scale`` ``(out,)``, e.g. a LayerScale gamma) as one linear whose weight and bias
+    are scaled instead of its output: ``(out, in)`` multiplies instead of ``(tokens, out)`` ones, forward and
+    backward. ``scale=None`` is ``linear(x)``."""
+    if scale is None:
+        return linear(x)
+    bias = linear.bias * scale if linear.bias is not None else None
+    return F.linear(x, linear.weight * scale.unsqueeze(1), bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with the DINOv2 parameter layout (``qkv``, ``proj``).
 
@@ -132,17 +144,46 @@ class Attention(nn.Module):
         """Switch the attention kernel."""
         self.impl = check_attn_impl(impl)
 
-    def forward(self, x: Tensor, return_attention: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, x: Tensor, return_attention: bool = False, layout: Sequence[tuple[int, int]] | None = None,
+        out_scale: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """``x``: ``(B, N, D)`` -> ``(B, N, D)``; with ``return_attention`` also ``(B, H, N, N)`` weights
-        (computed with the ``"math"`` kernel)."""
+        (computed with the ``"math"`` kernel).
+
+        Packed input: with ``layout = [(B_1, N_1), (B_2, N_2), ...]``, ``x`` is ``(T, D)`` with
+        ``T = sum B_i * N_i`` (batch ``i``'s tokens, row-major, after batch ``i - 1``'s). ``qkv`` and ``proj`` run
+        once over all ``T`` tokens; attention runs per batch, so tokens only attend within their own image.
+
+        ``out_scale`` ``(D,)``: multiply the output by it, folded into ``proj`` (see :func:`scaled_linear`); the
+        block passes its LayerScale gamma here.
+        """
+        if layout is not None:
+            if return_attention:
+                raise ValueError("return_attention is not supported for packed (layout=...) input")
+            return self._forward_packed(x, layout, out_scale)
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         p = self.attn_drop if self.training else 0.0
         res = attention(q, k, v, impl=self.impl, dropout_p=p, scale=self.scale, return_weights=return_attention)
         out, weights = res if return_attention else (res, None)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+        out = self.proj_drop(scaled_linear(self.proj, out.transpose(1, 2).reshape(B, N, C), out_scale))
         return (out, weights) if return_attention else out
+
+    def _forward_packed(self, x: Tensor, layout: Sequence[tuple[int, int]], out_scale: Tensor | None) -> Tensor:
+        """Packed tokens ``(T, D)`` -> ``(T, D)``; see :meth:`forward`."""
+        T, C = x.shape
+        sizes = [b * n for b, n in layout]
+        if sum(sizes) != T:
+            raise ValueError(f"layout {list(layout)} covers {sum(sizes)} tokens but the input has {T}")
+        p = self.attn_drop if self.training else 0.0
+        outs = []
+        for chunk, (b, n) in zip(self.qkv(x).split(sizes), layout):
+            q, k, v = chunk.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            out = attention(q, k, v, impl=self.impl, dropout_p=p, scale=self.scale)
+            outs.append(out.transpose(1, 2).reshape(b * n, C))
+        return self.proj_drop(scaled_linear(self.proj, torch.cat(outs), out_scale))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, impl={self.impl!r}"

@@ -7,11 +7,13 @@ DINOv2 (Oquab et al., 2023).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_distill.models.attention import Attention
+from ssl_distill.models.attention import Attention, scaled_linear
 
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 
@@ -27,6 +29,31 @@ def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tens
     return x * mask
 
 
+def drop_path_packed(x: Tensor, layout: Sequence[tuple[int, int]], drop_prob: float = 0.0,
+                     training: bool = False) -> Tensor:
+    """:func:`drop_path` for packed tokens ``(T, D)`` laid out as ``[(B_i, N_i)]``: each of the ``sum B_i``
+    samples keeps or drops all of its ``N_i`` tokens together."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((sum(b for b, _ in layout), 1)).bernoulli_(keep)
+    if keep > 0.0:
+        mask.div_(keep)
+    tokens_per_sample = torch.tensor([n for b, n in layout for _ in range(b)], device=x.device)
+    return x * mask.repeat_interleave(tokens_per_sample, dim=0, output_size=x.shape[0])
+
+
+def pack_tokens(xs: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Token batches ``[(B_i, N_i, D)]`` -> packed ``(sum B_i * N_i, D)`` and the layout ``[(B_i, N_i)]``."""
+    layout = [(int(x.shape[0]), int(x.shape[1])) for x in xs]
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]), layout
+
+
+def unpack_tokens(x: Tensor, layout: Sequence[tuple[int, int]]) -> list[Tensor]:
+    """Inverse of :func:`pack_tokens` (views, no copy)."""
+    return [t.view(b, n, -1) for t, (b, n) in zip(x.split([b * n for b, n in layout]), layout)]
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al., 2016), timm style: each sample's residual branch is dropped independently.
 
@@ -37,7 +64,9 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, layout: Sequence[tuple[int, int]] | None = None) -> Tensor:
+        if layout is not None:
+            return drop_path_packed(x, layout, self.drop_prob, self.training)
         return drop_path(x, self.drop_prob, self.training)
 
     def extra_repr(self) -> str:
@@ -108,8 +137,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop = nn.Dropout(drop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        """``out_scale`` ``(out,)`` multiplies the output, folded into ``fc2`` (see :func:`scaled_linear`)."""
+        return self.drop(scaled_linear(self.fc2, self.drop(self.act(self.fc1(x))), out_scale))
 
 
 class SwiGLUFFNFused(nn.Module):
@@ -134,9 +164,10 @@ class SwiGLUFFNFused(nn.Module):
         self.w12 = nn.Linear(in_features, 2 * hidden_features, bias=bias)
         self.w3 = nn.Linear(hidden_features, out_features, bias=bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, out_scale: Tensor | None = None) -> Tensor:
+        """``out_scale`` ``(out,)`` multiplies the output, folded into ``w3`` (see :func:`scaled_linear`)."""
         x1, x2 = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(x1) * x2)
+        return scaled_linear(self.w3, F.silu(x1) * x2, out_scale)
 
 
 def make_ffn(name: str, dim: int, hidden: int, bias: bool = True) -> nn.Module:
@@ -179,23 +210,46 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
-        """``(B, N, D)`` tokens, or a list of token batches of different resolutions (same shapes back).
+    def forward(
+        self, x: Tensor | list[Tensor], layout: Sequence[tuple[int, int]] | None = None
+    ) -> Tensor | list[Tensor]:
+        """``(B, N, D)`` tokens, or a list of token batches of different resolutions (same shapes back), or
+        packed tokens ``(T, D)`` with their ``layout`` ``[(B_i, N_i)]`` (see :func:`pack_tokens`).
 
-        Lists go through this one entry point (not a side method) so wrappers that hook ``__call__``, such as
-        FSDP2's unshard/reshard, see every use of the block.
+        Lists and packed tokens go through this one entry point (not a side method) so wrappers that hook
+        ``__call__``, such as FSDP2's unshard/reshard, see every use of the block.
         """
         if isinstance(x, (list, tuple)):
             return self.forward_list(list(x))
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if layout is not None:
+            return self._forward_packed(x, layout)
+        x = x + self.drop_path1(self.attn(self.norm1(x), out_scale=self._gamma(self.ls1)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2)))
         return x
+
+    @staticmethod
+    def _gamma(ls: nn.Module) -> Tensor | None:
+        """LayerScale's gamma, which the attention / FFN fold into their output linear (``ls1``/``ls2`` keep the
+        parameters and the state-dict keys; folding saves two token-sized multiplies per residual branch)."""
+        return ls.gamma if isinstance(ls, LayerScale) else None
+
+    def _forward_packed(self, x: Tensor, layout: Sequence[tuple[int, int]]) -> Tensor:
+        """Packed tokens ``(T, D)`` -> ``(T, D)``: norms, ``qkv``, ``proj`` and the MLP run once over all tokens
+        (larger matrix products, fewer kernel launches); attention runs per resolution."""
+        dp1 = self.drop_path1 if isinstance(self.drop_path1, DropPath) else None
+        dp2 = self.drop_path2 if isinstance(self.drop_path2, DropPath) else None
+        h = self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1))
+        x = x + (dp1(h, layout) if dp1 is not None else h)
+        h = self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2))
+        return x + (dp2(h, layout) if dp2 is not None else h)
 
     def forward_list(self, xs: list[Tensor]) -> list[Tensor]:
         """Run the block over crops of different resolutions: ``[(B_i, N_i, D)]`` -> same shapes.
 
-        Attention is per resolution; today norms and MLP are too. A packed pass (tokens of all crops concatenated
-        for the norms/MLP, block-diagonal attention) can replace this one method without touching callers.
+        Several batches are packed (:func:`pack_tokens`) for one pass; attention stays per resolution.
         Call the block itself (``block(xs)``), not this method, from outside.
         """
-        return [self.forward(x) for x in xs]
+        if len(xs) == 1:
+            return [self.forward(xs[0])]
+        packed, layout = pack_tokens(xs)
+        return unpack_tokens(self._forward_packed(packed, layout), layout)

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
-from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed
+from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed, pack_tokens, unpack_tokens
 
 FeatureDict = dict[str, Any]
 
@@ -57,6 +58,8 @@ class VisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
         interpolate_offset: float = 0.1,
         attn_impl: str = "auto",
+        packed: bool = True,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
@@ -72,6 +75,8 @@ class VisionTransformer(nn.Module):
         self.num_register_tokens = num_register_tokens
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
+        self.packed = packed  # one packed pass over crops of several resolutions (see _run_blocks)
+        self.grad_checkpointing = grad_checkpointing  # recompute each block's activations in backward
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -165,11 +170,29 @@ class VisionTransformer(nn.Module):
         return x
 
     def _run_blocks(self, xs: list[Tensor]) -> list[Tensor]:
-        """All blocks over a list of token batches (one per resolution). A packed implementation replaces
-        :meth:`Block.forward_list` without touching this loop."""
+        """All blocks over a list of token batches (one per resolution).
+
+        With ``packed`` (the default) and several batches, their tokens are concatenated once into a ``(T, D)``
+        matrix that every block processes in one pass (norms, linears and MLP over all tokens; attention per
+        resolution); otherwise each block runs per batch. With ``grad_checkpointing`` (and autograd recording),
+        each block's activations are recomputed in the backward pass instead of stored.
+        """
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        if self.packed and len(xs) > 1:
+            x, layout = pack_tokens(xs)
+            for blk in self.blocks:
+                x = self._call_block(blk, x, ckpt, layout=layout)
+            return unpack_tokens(x, layout)
         for blk in self.blocks:
-            xs = blk(xs)  # through __call__, so FSDP2 / hooks see it
+            xs = self._call_block(blk, xs, ckpt)
         return xs
+
+    @staticmethod
+    def _call_block(blk: nn.Module, x: Any, ckpt: bool, **kwargs: Any) -> Any:
+        """``blk(x, **kwargs)`` through ``__call__`` (so FSDP2 / hooks see it), checkpointed if ``ckpt``."""
+        if ckpt:
+            return checkpoint(blk, x, use_reentrant=False, **kwargs)
+        return blk(x, **kwargs)
 
     def _output_dict(self, x: Tensor, masks: Tensor | None) -> FeatureDict:
         x_norm = self.norm(x)

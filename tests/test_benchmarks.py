@@ -1,0 +1,41 @@
+"""Smoke test: every benchmark script runs end to end with tiny sizes and writes its JSON (not a timing test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
+    pytest.importorskip("lightly")
+    pytest.importorskip("skimage")
+    out = str(tmp_path)
+    rows = _load("train_step").main([
+        "--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16", "--local-crops", "2",
+        "--prototypes", "64", "--batch", "2", "--repeats", "1", "--warmup", "0", "--out-dir", out,
+    ])
+    assert {r["impl"] for r in rows} == {"lightly+timm", "ours/default"}
+    assert all(r["gflop_per_step"] > 0 and r["step_s"] > 0 for r in rows)
+    # Both sides do the same work: equal FLOP counts.
+    assert rows[0]["gflop_per_step"] == pytest.approx(rows[1]["gflop_per_step"], rel=0.02)
+    _load("data_pipeline").main(["--images", "2", "--repeats", "1", "--local-crops", "2", "--out-dir", out])
+    knn_rows = _load("knn").main(["--train", "2000", "--queries", "50", "--repeats", "1", "--out-dir", out])
+    assert all(r["top1_agree"] for r in knn_rows)
+    for name in ("train_step_cpu", "data_pipeline", "knn"):
+        payload = json.loads((tmp_path / f"{name}.json").read_text())
+        assert payload["rows"] and "environment" in payload
