@@ -31,19 +31,15 @@ KS = (10, 20)
 
 def _knn_row(name: str, weights: str, config_file: str, data: tuple[Path, Path], image_size: int) -> dict[str, Any]:
     from ssl_distill.eval.data import load_labelled_datasets
-    from ssl_distill.eval.features import extract_features
-    from ssl_distill.eval.knn import knn_accuracy
+    from ssl_distill.eval.knn import backbone_knn_top1
     from ssl_distill.eval.transforms import make_eval_transform
     from ssl_distill.eval.weights import load_pretrained_backbone
 
     model, _ = load_pretrained_backbone(weights, config_file)
     transform = make_eval_transform(image_size)
     train, val = load_labelled_datasets(str(data[0]), str(data[1]), transform, transform)
-    feats = [extract_features(model, ds, batch_size=256, n_last_blocks=1, desc=f"{name} {split}")
-             for ds, split in ((train, "train"), (val, "val"))]
-    acc = knn_accuracy(feats[0]["cls"][:, -1], feats[0]["labels"], feats[1]["cls"][:, -1], feats[1]["labels"],
-                       ks=KS, num_classes=len(train.classes))
-    return {"backbone": name, **{f"k={k} top-1 (%)": round(acc[k]["top1"], 2) for k in KS}}
+    top1 = backbone_knn_top1(model, train, val, KS, desc=name)
+    return {"backbone": name, **{f"k={k} top-1 (%)": round(top1[k], 2) for k in KS}}
 
 
 def _pixel_row(data: tuple[Path, Path]) -> dict[str, Any]:

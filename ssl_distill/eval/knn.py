@@ -14,13 +14,14 @@ summed, so the result equals the single-process one.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_distill.distributed import all_reduce_sum, get_rank, get_world_size
-from ssl_distill.eval.features import shard_range
+from ssl_distill.eval.features import extract_features, shard_range
 
 
 def topk_neighbours(
@@ -132,6 +133,19 @@ def knn_accuracy(
         if num_classes >= 5:
             results[k]["top5"] = 100.0 * int(c[1]) / total
     return results
+
+
+def backbone_knn_top1(
+    model: torch.nn.Module, train: Any, val: Any, ks: Sequence[int], temperature: float = 0.07,
+    batch_size: int = 256, device: torch.device | None = None, desc: str = "k-NN",
+) -> dict[int, float]:
+    """Weighted k-NN top-1 (%) per ``k`` of ``model``'s last-block CLS features: ``train`` is the memory bank,
+    ``val`` the queries (labelled datasets with ``.classes``). Used by the demo and the in-training monitor."""
+    feats = [extract_features(model, ds, batch_size, n_last_blocks=1, device=device, desc=f"{desc} {name}")
+             for ds, name in ((train, "train"), (val, "val"))]
+    acc = knn_accuracy(feats[0]["cls"][:, -1], feats[0]["labels"], feats[1]["cls"][:, -1], feats[1]["labels"],
+                       ks=ks, temperature=temperature, num_classes=len(train.classes))
+    return {k: acc[k]["top1"] for k in ks}
 
 
 def few_shot_indices(labels: Tensor, n_per_class: int, seed: int) -> Tensor:

@@ -30,7 +30,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -272,7 +271,7 @@ def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
         raise SubmitError(f"sbatch refused the job: {exc}") from None
 
 
-def describe_submission(job: Any, args: argparse.Namespace, python: str = sys.executable) -> str:
+def describe_submission(job: Any, args: argparse.Namespace) -> str:
     """What ``ssl-distill submit`` prints: job id, output directory, how to follow the logs."""
     folder = Path(args.output_dir) / SLURM_SUBDIR
     tasks = args.gpus_per_node or args.tasks_per_node or 1

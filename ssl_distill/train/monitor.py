@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ssl_distill.eval.data import load_labelled_datasets
-from ssl_distill.eval.features import extract_features
-from ssl_distill.eval.knn import knn_accuracy
+from ssl_distill.eval.knn import backbone_knn_top1
 from ssl_distill.eval.transforms import make_eval_transform
 from ssl_distill.models import build_backbone
 
@@ -52,8 +51,6 @@ class KnnMonitor:
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, device: torch.device, sharded: bool) -> dict[str, float]:
         model = self._plain_copy(backbone, device) if sharded else backbone
-        feats = [extract_features(model, ds, self.batch_size, n_last_blocks=1, device=device, desc=f"k-NN {name}")
-                 for ds, name in ((self.train, "train"), (self.val, "val"))]
-        acc = knn_accuracy(feats[0]["cls"][:, -1], feats[0]["labels"], feats[1]["cls"][:, -1], feats[1]["labels"],
-                           ks=self.ks, temperature=self.temperature, num_classes=len(self.train.classes))
-        return {f"knn_top1_k{k}": acc[k]["top1"] for k in self.ks}
+        top1 = backbone_knn_top1(model, self.train, self.val, self.ks, self.temperature, self.batch_size, device,
+                                 desc="k-NN")
+        return {f"knn_top1_k{k}": acc for k, acc in top1.items()}
