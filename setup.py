@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "fvcore>=0.1.5",
     "numpy>=1.24",
     "pillow>=9.0",
+    # SIMD colour jitter and Gaussian blur on uint8 crops (ssl_distill/data/augment.py); headless = no GUI
+    # libraries. 4.10 is the first release built for numpy 2 (tested: 4.10.0.84 and 5.0.0.93).
+    "opencv-python-headless>=4.10",
     "tqdm>=4.60",
 ]
 

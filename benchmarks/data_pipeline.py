@@ -8,9 +8,11 @@ probabilities (RandomResizedCrop bicubic, flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0
 - ``reference``: DINOv2's ``DataAugmentationDINO`` shape: ``torchvision.transforms`` (v1) on PIL images,
   ``ToTensor`` + ``Normalize`` at the end; decoding with PIL.
 - ``ours``: :class:`ssl_distill.data.MultiCropAugmentation` (``transforms.v2`` on ``uint8`` tensors until the
-  final normalisation); decoding with PIL exactly as our datasets do (``load_rgb``).
+  final normalisation, with OpenCV colour jitter and blur, a channels-last crop and a fused float normalisation);
+  decoding with PIL exactly as our datasets do (``load_rgb``).
 
-One thread (``torch.set_num_threads(1)``), as in a DataLoader worker; runs alternate, median of ``--repeats``::
+One thread (``torch.set_num_threads(1)``; OpenCV is single-threaded by ``MultiCropAugmentation``), as in a DataLoader
+worker; runs alternate, median of ``--repeats``::
 
     .venv/bin/python benchmarks/data_pipeline.py
 

@@ -1,15 +1,21 @@
-"""MultiCropAugmentation on real photos: shapes, ranges, determinism, input kinds, and the random-op rates."""
+"""MultiCropAugmentation on real photos: shapes, ranges, determinism, input kinds, the random-op rates, and the
+OpenCV / fused kernels against torchvision's."""
 
 from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from ssl_distill.data import MultiCropAugmentation
+from ssl_distill.data.augment import ColorJitter, GaussianBlur, RandomResizedCrop, ToFloatNormalize, to_rgb_uint8
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -219,30 +225,155 @@ def test_colour_jitter_and_grayscale_rates(photos):
     assert len(gray) == 1 and gray[0].p == 0.2
 
 
+# --- the OpenCV / fused kernels against torchvision's ---------------------------------------------------
+
+
+def photo_crops(photos, size: int = 96) -> list[torch.Tensor]:
+    """One random resized crop per photo, channels-last uint8 as the pipeline makes them (camera is gray RGB)."""
+    rrc = RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    torch.manual_seed(0)
+    return [rrc(to_rgb_uint8(photo)) for photo in photos]
+
+
+def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    return (a.int() - b.int()).abs()
+
+
+def jitter_params(**factors) -> dict:
+    params = dict(fn_idx=torch.arange(4), brightness_factor=None, contrast_factor=None, saturation_factor=None,
+                  hue_factor=None)
+    params.update(factors)
+    return params
+
+
+@pytest.mark.parametrize("op", ["brightness", "contrast", "saturation"])
+def test_opencv_colour_jitter_matches_torchvision_per_op(photos, op):
+    """Brightness and contrast are exact (look-up tables); saturation is within 1 level."""
+    reference = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+                 "saturation": TF.adjust_saturation}[op]
+    jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
+    for crop in photo_crops(photos):
+        for inp in (crop, crop.contiguous()):  # channels-last and planar memory
+            for factor in (0.6, 0.8, 0.95, 1.0, 1.1, 1.4):
+                out = jitter.transform(inp, jitter_params(**{f"{op}_factor": factor}))
+                diff = abs_diff(out, reference(inp, factor))
+                if op == "saturation":
+                    assert diff.max() <= 1 and diff.float().mean() < 0.1, (factor, diff.max(), diff.float().mean())
+                else:
+                    assert diff.max() == 0, (factor, diff.max())
+
+
+def test_opencv_hue_is_torchvision_hue_quantised_to_8_bit_hsv(photos):
+    """Hue shifts in OpenCV's 8-bit HSV (1/256 of a turn, as PIL's HSV in the DINOv2 reference): a few levels off
+    torchvision's float HSV on some pixels, well below 1 on average. A gray image keeps its values."""
+    jitter = ColorJitter(0.4, 0.4, 0.2, 0.1)
+    for photo, crop in zip(photos, photo_crops(photos)):
+        for factor in (-0.1, -0.03, 0.002, 0.05, 0.1):
+            diff = abs_diff(jitter.transform(crop, jitter_params(hue_factor=factor)), TF.adjust_hue(crop, factor))
+            assert diff.max() <= 8 and diff.float().mean() < 0.75, (photo.info["name"], factor, diff.max())
+            if photo.mode == "L":
+                assert diff.max() == 0
+    crop = photo_crops(photos)[0]
+    assert torch.equal(jitter.transform(crop, jitter_params(hue_factor=0.001)), crop)  # rounds to no shift
+
+
+def test_opencv_colour_jitter_random_permutation_matches_torchvision(photos):
+    """Same seed, same random order and factors (make_params is torchvision's): close to v2.ColorJitter."""
+    crops = photo_crops(photos)
+    for args, max_diff, mean_diff in (((0.4, 0.4, 0.2, 0.1), 16, 0.5), ((0.4, 0.4, 0.2), 3, 0.02)):
+        ours, reference = ColorJitter(*args), v2.ColorJitter(*args)
+        diffs = []
+        for seed in range(8):
+            for crop in crops:
+                torch.manual_seed(seed)
+                out = ours(crop)
+                torch.manual_seed(seed)
+                diffs.append(abs_diff(out, reference(crop)).flatten())
+        diff = torch.cat(diffs).float()
+        assert diff.max() <= max_diff and diff.mean() < mean_diff, (args, diff.max(), diff.mean())
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
-def test_separable_blur_matches_torchvision_gaussian_blur(sigma):
-    """The two-pass blur used by the pipeline is torchvision's 9x9 Gaussian blur up to float rounding."""
-    from torchvision.transforms.v2 import functional as TF
-
-    from ssl_distill.data.augment import separable_gaussian_blur
-
+def test_opencv_gaussian_blur_matches_torchvision(photos, sigma):
+    blur = GaussianBlur(9, sigma=(0.1, 2.0))
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g)
-    ref = TF.gaussian_blur(x, [9, 9], [sigma, sigma])
-    out = separable_gaussian_blur(x, (9, 9), (sigma, sigma))
-    assert out.dtype == torch.uint8 and out.shape == x.shape
-    diff = (out.int() - ref.int()).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
-    xf = x.float() / 255
-    torch.testing.assert_close(separable_gaussian_blur(xf, (9, 9), (sigma, sigma)),
-                               TF.gaussian_blur(xf, [9, 9], [sigma, sigma]), rtol=0, atol=1e-5)
+    noise = torch.randint(0, 256, (3, 40, 56), dtype=torch.uint8, generator=g)
+    crops = photo_crops(photos)
+    inputs = [noise, crops[0], crops[1].contiguous(), TF.rgb_to_grayscale(crops[2], 3), crops[3][:, 5:60, 2:90]]
+    for inp in inputs:  # planar, channels-last, gray (stride-0 channels) and cropped-view memory
+        out = blur.transform(inp, {"sigma": [sigma, sigma]})
+        diff = abs_diff(out, TF.gaussian_blur(inp, [9, 9], [sigma, sigma]))
+        assert diff.max() <= 1 and diff.float().mean() < 0.25  # OpenCV blurs uint8 with a fixed-point kernel
 
 
-def test_pipeline_blur_is_a_gaussian_blur_with_the_recipe_parameters():
-    from ssl_distill.data.augment import SeparableGaussianBlur
+def test_non_uint8_inputs_fall_back_to_torchvision_exactly(photos):
+    crop = photo_crops(photos)[0]
+    pairs = [(ColorJitter(0.4, 0.4, 0.2, 0.1), v2.ColorJitter(0.4, 0.4, 0.2, 0.1)),
+             (GaussianBlur(9, sigma=(0.1, 2.0)), v2.GaussianBlur(9, sigma=(0.1, 2.0))),
+             (RandomResizedCrop(24, interpolation=v2.InterpolationMode.BICUBIC),
+              v2.RandomResizedCrop(24, interpolation=v2.InterpolationMode.BICUBIC))]
+    inputs = [crop.float() / 255, tv_tensors.Image(crop), crop.unsqueeze(0).expand(2, -1, -1, -1),
+              Image.fromarray(crop.permute(1, 2, 0).numpy())]
+    for ours, reference in pairs:
+        for inp in inputs:
+            torch.manual_seed(3)
+            out = ours(inp)
+            torch.manual_seed(3)
+            expected = reference(inp)
+            assert type(out) is type(expected)
+            if isinstance(out, Image.Image):
+                assert np.array_equal(np.asarray(out), np.asarray(expected))
+            else:
+                assert out.dtype == inp.dtype and torch.equal(out, expected)
 
+
+def test_random_resized_crop_is_bit_identical_and_channels_last(photos):
+    ours = RandomResizedCrop(48, scale=(0.05, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    reference = v2.RandomResizedCrop(48, scale=(0.05, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True)
+    for photo in photos:
+        image = to_rgb_uint8(photo)
+        assert image.permute(1, 2, 0).is_contiguous()  # pil_to_tensor: a CHW view of HWC memory
+        for seed in range(3):
+            torch.manual_seed(seed)
+            out = ours(image)
+            torch.manual_seed(seed)
+            assert torch.equal(out, reference(image)) and out.dtype == torch.uint8
+            assert out.permute(1, 2, 0).is_contiguous()
+
+
+def test_uint8_tensor_inputs_become_channels_last_without_changing_values(photos):
+    hwc = torch.from_numpy(np.array(photos[0]))
+    planar = hwc.permute(2, 0, 1).contiguous()
+    out = to_rgb_uint8(planar)
+    assert torch.equal(out, planar) and out.permute(1, 2, 0).is_contiguous()
+    channels_last = hwc.permute(2, 0, 1)
+    assert to_rgb_uint8(channels_last).data_ptr() == channels_last.data_ptr()  # no copy
+
+
+def test_fused_to_float_normalize_matches_todtype_and_normalize(photos):
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    fused = ToFloatNormalize(mean, std)
+    two_steps = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    for inp in (photo_crops(photos)[0], photo_crops(photos)[1].contiguous()):
+        out = fused(inp)
+        assert out.dtype == torch.float32 and out.shape == inp.shape and out.is_contiguous()
+        torch.testing.assert_close(out, two_steps(inp), rtol=0, atol=1e-5)
+    x = torch.rand(3, 8, 8)
+    assert torch.equal(fused(x), v2.Normalize(mean, std)(x))  # float input: plain Normalize
+
+
+def test_pipeline_uses_the_opencv_ops_single_threaded(photos):
     aug = MultiCropAugmentation(local_crops_number=1, global_crops_size=32, local_crops_size=16)
-    blurs = [s.transforms[0] for s in aug.global_transfo1.transforms if isinstance(s, v2.RandomApply)
-             and isinstance(s.transforms[0], v2.GaussianBlur)]
-    assert len(blurs) == 1 and isinstance(blurs[0], SeparableGaussianBlur)
+    ops = [s.transforms[0] for s in aug.global_transfo1.transforms if isinstance(s, v2.RandomApply)]
+    blurs = [op for op in ops if isinstance(op, v2.GaussianBlur)]
+    jitters = [op for op in ops if isinstance(op, v2.ColorJitter)]
+    assert len(blurs) == 1 and isinstance(blurs[0], GaussianBlur)
     assert list(blurs[0].kernel_size) == [9, 9] and list(blurs[0].sigma) == [0.1, 2.0]
+    assert len(jitters) == 1 and isinstance(jitters[0], ColorJitter)
+    assert isinstance(aug.global_transfo1.transforms[0], RandomResizedCrop)
+    torch.manual_seed(0)
+    for crop in all_crops(aug(photos[0])):
+        assert crop.is_contiguous()
+    assert cv2.getNumThreads() == 1

@@ -4,9 +4,9 @@ Each image becomes two large "global" crops (seen by the student and the EMA tea
 crops (student only). The recipe is BYOL's (Grill et al. 2020): random resized crop + flip, colour jitter,
 grayscale, Gaussian blur, solarisation, ImageNet normalisation.
 
-Everything runs on ``torchvision.transforms.v2`` with ``uint8`` CHW tensors until the very last step
-(``ToDtype(float32, scale=True)`` + ``Normalize``): cropping, resizing and the colour ops are cheaper on bytes.
-The 9x9 Gaussian blur runs as two 1-D passes (:class:`SeparableGaussianBlur`, same kernel as torchvision's).
+The pipeline is ``torchvision.transforms.v2`` (parameters, probabilities and random draws are torchvision's) on
+``uint8`` ``(3, H, W)`` tensors until the final normalisation; crop, colour jitter, blur and normalisation use the
+faster kernels of :mod:`ssl_distill.data.fast_transforms` (OpenCV, channels-last memory, one fused multiply-add).
 """
 
 from __future__ import annotations
@@ -18,88 +18,24 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-__all__ = ["MultiCropAugmentation", "SeparableGaussianBlur", "to_rgb_uint8"]
+from ssl_distill.data.fast_transforms import (
+    ColorJitter,
+    GaussianBlur,
+    RandomResizedCrop,
+    ToFloatNormalize,
+    to_rgb_uint8,
+)
+
+__all__ = [
+    "ColorJitter",
+    "GaussianBlur",
+    "MultiCropAugmentation",
+    "RandomResizedCrop",
+    "ToFloatNormalize",
+    "to_rgb_uint8",
+]
 
 _MIN_CROP_SIZE = 5  # the 9x9 blur reflect-pads 4 pixels on each side, which needs at least 5 pixels
-
-
-def to_rgb_uint8(image: Image.Image | torch.Tensor) -> torch.Tensor:
-    """Return ``image`` as a plain ``uint8`` tensor of shape ``(3, H, W)``.
-
-    Accepts a PIL image of any mode (grayscale, palette, RGBA, ... are converted with ``Image.convert("RGB")``,
-    which drops alpha) or a ``uint8`` tensor of shape ``(H, W)``, ``(1, H, W)``, ``(3, H, W)`` or ``(4, H, W)``
-    (gray is repeated to three channels, alpha is dropped).
-    """
-    if isinstance(image, Image.Image):
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        return v2.functional.pil_to_tensor(image)
-    if isinstance(image, torch.Tensor):
-        if image.dtype != torch.uint8:
-            raise TypeError(
-                f"MultiCropAugmentation expects a uint8 image tensor, got dtype {image.dtype}; "
-                "convert with (x * 255).round().clamp(0, 255).to(torch.uint8) or pass a PIL image."
-            )
-        if image.ndim == 2:
-            image = image.unsqueeze(0)
-        if image.ndim != 3 or image.shape[0] not in (1, 3, 4):
-            raise ValueError(
-                f"MultiCropAugmentation expects an image tensor of shape (C, H, W) with C in 1, 3, 4, got "
-                f"{tuple(image.shape)}; permute HWC arrays with x.permute(2, 0, 1)."
-            )
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
-        elif image.shape[0] == 4:
-            image = image[:3]
-        return image.as_subclass(torch.Tensor).contiguous()
-    raise TypeError(
-        f"MultiCropAugmentation expects a PIL.Image.Image or a uint8 torch.Tensor, got {type(image).__name__}."
-    )
-
-
-def _gaussian_kernel1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    """torchvision's 1-D Gaussian kernel (``linspace`` taps, normalised to sum 1)."""
-    half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size)
-    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return pdf / pdf.sum()
-
-
-def separable_gaussian_blur(
-    image: torch.Tensor, kernel_size: tuple[int, int], sigma: tuple[float, float]
-) -> torch.Tensor:
-    """Gaussian blur of a ``(C, H, W)`` / ``(..., C, H, W)`` image as two 1-D convolutions.
-
-    Same kernel, reflect padding, rounding and dtype handling as ``torchvision.transforms.v2.functional
-    .gaussian_blur`` (whose 2-D kernel is the outer product of the same two 1-D kernels), with ``2k`` instead of
-    ``k**2`` multiply-adds per pixel; results agree up to float rounding (uint8 outputs may differ by 1).
-    ``kernel_size`` and ``sigma`` are ``(x, y)`` (width, height) pairs, as in torchvision.
-    """
-    dtype = image.dtype
-    shape = image.shape
-    x = image.reshape(-1, 1, shape[-2], shape[-1])
-    x = x.float() if not x.is_floating_point() else x
-    kx = _gaussian_kernel1d(kernel_size[0], sigma[0]).to(x)
-    ky = _gaussian_kernel1d(kernel_size[1], sigma[1]).to(x)
-    px, py = kernel_size[0] // 2, kernel_size[1] // 2
-    x = torch.nn.functional.pad(x, [px, px, py, py], mode="reflect")
-    x = torch.nn.functional.conv2d(x, kx.view(1, 1, 1, -1))
-    x = torch.nn.functional.conv2d(x, ky.view(1, 1, -1, 1))
-    if not dtype.is_floating_point:
-        x = x.round_().clamp_(0, 255 if dtype == torch.uint8 else torch.iinfo(dtype).max)
-    return x.to(dtype).reshape(shape)
-
-
-class SeparableGaussianBlur(v2.GaussianBlur):
-    """``v2.GaussianBlur`` (same parameters and random sigma) computed by :func:`separable_gaussian_blur` for
-    plain image tensors: about 4x cheaper for a 9x9 kernel. Other inputs go to torchvision's kernel."""
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if type(inpt) is torch.Tensor and inpt.ndim >= 3:
-            sigma = params["sigma"]
-            size = (int(self.kernel_size[0]), int(self.kernel_size[1]))
-            return separable_gaussian_blur(inpt, size, (float(sigma[0]), float(sigma[1])))
-        return super().transform(inpt, params)
 
 
 def _check_scale(name: str, scale: Any) -> tuple[float, float]:
@@ -129,7 +65,9 @@ class MultiCropAugmentation:
     Per crop: ``RandomResizedCrop`` (bicubic, antialias) + horizontal flip (p=0.5); ``ColorJitter(0.4, 0.4, 0.2,
     0.1)`` with p=0.8; grayscale with p=0.2; Gaussian blur (kernel 9, sigma ~ U(0.1, 2.0)) with probability
     **1.0 for global crop 1, 0.1 for global crop 2 and 0.5 for local crops**; solarisation (threshold 128 on uint8)
-    with p=0.2 on global crop 2 only; then ``ToDtype(float32, scale=True)`` and ImageNet normalisation.
+    with p=0.2 on global crop 2 only; then ``ToDtype(float32, scale=True)`` and ImageNet normalisation (fused,
+    :class:`ToFloatNormalize`). Crop, colour jitter, blur and normalisation are this module's faster subclasses of
+    the torchvision transforms (see the module docstring); the random draws are torchvision's.
 
     Difference to the reference: dinov2's ``GaussianBlur(p=...)`` subclasses ``RandomApply`` with
     ``keep_p = 1 - p``, so its blur probabilities are inverted — it never blurs global crop 1, blurs global crop 2
@@ -149,7 +87,7 @@ class MultiCropAugmentation:
         {"global_crops": [2 x float32 (3, G, G)], "global_crops_teacher": [the same 2 tensors],
          "local_crops": [n x float32 (3, L, L)], "offsets": ()}
 
-    with ``G = global_crops_size`` and ``L = local_crops_size``.
+    with ``G = global_crops_size`` and ``L = local_crops_size``; every crop is a contiguous tensor.
     """
 
     flip_p: float = 0.5
@@ -195,15 +133,15 @@ class MultiCropAugmentation:
     def _pipeline(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
         """One crop's pipeline: uint8 ``(3, H, W)`` -> float32 normalised ``(3, size, size)``."""
         steps: list[Any] = [
-            v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.RandomHorizontalFlip(p=self.flip_p),
-            v2.RandomApply([v2.ColorJitter(*self.color_jitter)], p=self.color_jitter_p),
+            v2.RandomApply([ColorJitter(*self.color_jitter)], p=self.color_jitter_p),
             v2.RandomGrayscale(p=self.grayscale_p),
-            v2.RandomApply([SeparableGaussianBlur(self.blur_kernel_size, sigma=self.blur_sigma)], p=blur_p),
+            v2.RandomApply([GaussianBlur(self.blur_kernel_size, sigma=self.blur_sigma)], p=blur_p),
         ]
         if solarize_p > 0:
             steps.append(v2.RandomApply([v2.RandomSolarize(self.solarize_threshold, p=1.0)], p=solarize_p))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=self.mean, std=self.std)]
+        steps.append(ToFloatNormalize(mean=self.mean, std=self.std))
         return v2.Compose(steps)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, Any]:
