@@ -7,7 +7,8 @@ default ``ibot.separate_head=False``); lightly's ``DINOLoss``, ``IBOTPatchLoss``
 per global crop); ``update_momentum`` for the EMA teacher; ``torch.optim.AdamW`` with decay / no-decay groups.
 Like our recipe (and unlike the example) it clips the gradient norm of backbone and head separately at 3.0.
 
-Same crops and the same iBOT masks as our step (taken from our batch dict), so both do the same work.
+Same crops and the same iBOT masks as our step (taken from our batch dict), so both run the same recipe on the
+same inputs.
 Needs ``pip install 'ssl-distill[bench]'`` (lightly).
 """
 

@@ -27,12 +27,15 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     out = str(tmp_path)
     rows = _load("train_step").main([
         "--arch", "vit_tiny", "--patch-size", "8", "--global-size", "32", "--local-size", "16", "--local-crops", "2",
-        "--prototypes", "64", "--batch", "2", "--repeats", "1", "--warmup", "0", "--out-dir", out,
+        "--prototypes", "64", "--batch", "2", "--repeats", "1", "--warmup", "0", "--drop-path", "0",
+        "--out-dir", out,
     ])
     assert {r["impl"] for r in rows} == {"lightly+timm", "ours/default"}
     assert all(r["gflop_per_step"] > 0 and r["step_s"] > 0 for r in rows)
-    # Both sides do the same work: equal FLOP counts.
-    assert rows[0]["gflop_per_step"] == pytest.approx(rows[1]["gflop_per_step"], rel=0.02)
+    # Same recipe, same work, except what ours skips without stochastic depth: the last block's projection and MLP
+    # for the tokens no loss reads (select_patches), a few percent of the step.
+    base, ours = rows[0]["gflop_per_step"], rows[1]["gflop_per_step"]
+    assert 0.85 * base < ours < base
     _load("data_pipeline").main(["--images", "2", "--repeats", "1", "--local-crops", "2", "--out-dir", out])
     knn_rows = _load("knn").main(["--train", "2000", "--queries", "50", "--repeats", "1", "--out-dir", out])
     assert all(r["top1_agree"] for r in knn_rows)

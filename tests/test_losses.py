@@ -356,3 +356,49 @@ def test_ibot_center_masked_uses_global_token_mean():
     loss.update_center_masked(torch.empty(0, 6))  # no masked tokens anywhere: no update
     loss.apply_center_update()
     assert torch.equal(loss.center, before)
+
+
+# --------------------------------------------------------------------- fused soft cross-entropy, weight norm
+def test_soft_cross_entropy_matches_the_naive_formula_and_its_gradient():
+    from ssl_distill.losses.soft_ce import _SoftCrossEntropy, soft_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(7, 300, generator=g) * 5).requires_grad_()
+    t = torch.rand(7, 300, generator=g) ** 3  # not normalised: the identity must not assume rows sum to 1
+    w = torch.randn(7, generator=g)
+    got = soft_cross_entropy(s, t, 0.1)
+    (got * w).sum().backward()
+    grad = s.grad.clone()
+    s.grad = None
+    ref = -(t * torch.log_softmax(s / 0.1, dim=-1)).sum(-1)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, s.grad, rtol=1e-5, atol=1e-5 * s.grad.abs().max().item())
+    # float64: the hand-written gradient equals autograd's on the naive formula to ~1e-12.
+    s64 = torch.randn(3, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    t64 = torch.rand(3, 11, dtype=torch.float64, generator=g)
+    (got64,) = torch.autograd.grad(_SoftCrossEntropy.apply(s64, t64, 0.07).sum(), s64)
+    (ref64,) = torch.autograd.grad(-(t64 * torch.log_softmax(s64 / 0.07, dim=-1)).sum(), s64)
+    torch.testing.assert_close(got64, ref64, rtol=1e-10, atol=1e-10)
+    # The backward reuses the saved softmax in place, so a second backward is refused, not silently wrong.
+    out = soft_cross_entropy(s, t, 0.1).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+    with pytest.raises(ValueError, match="same"):
+        soft_cross_entropy(s, t[:, :5])
+
+
+def test_weight_norm_linear_weight_and_gradients():
+    from ssl_distill.models.heads import WeightNormLinear, _WeightNorm
+
+    torch.manual_seed(0)
+    layer = WeightNormLinear(8, 5)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    ref = layer.weight_g * layer.weight_v / layer.weight_v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(layer.weight, ref)
+    torch.testing.assert_close(layer.weight.norm(dim=1, keepdim=True), layer.weight_g.detach())
+    g64 = torch.rand(5, 1, dtype=torch.float64, requires_grad=True)
+    v64 = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_WeightNorm.apply, (g64, v64))

@@ -107,3 +107,132 @@ def test_packed_attention_rejects_wrong_layout():
         attn(torch.randn(10, 8), layout=[(2, 3)])
     with pytest.raises(ValueError, match="return_attention"):
         attn(torch.randn(6, 8), layout=[(2, 3)], return_attention=True)
+
+
+def _block(drop: float):
+    from ssl_distill.models.layers import Block
+
+    torch.manual_seed(0)
+    return Block(16, num_heads=2, drop_path=drop, init_values=0.5).train()
+
+
+def _reference_block(blk, x, attn_keep, ffn_keep, keep):
+    """``x + mask * branch(x) / keep`` for both residual branches with given per-sample masks (branches in
+    eval mode, per sample batch), the formula the subset computation must reproduce."""
+    def scale(m):
+        return (m.float() / keep).view(-1, 1, 1)
+    y = x + scale(attn_keep) * blk._attn_branch(x, None)
+    return y + scale(ffn_keep) * blk._ffn_branch(y, None)
+
+
+def _which_kept(blk, x, out, keep):
+    """Recover, per sample, which branches ran, by matching the output against the four possibilities."""
+    a_keep, f_keep = [], []
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            xi = x[i:i + 1]
+            found = [(a, f) for a in (0, 1) for f in (0, 1)
+                     if torch.allclose(out[i:i + 1], _reference_block(blk, xi, torch.tensor([a]), torch.tensor([f]),
+                                                                      keep), atol=1e-5)]
+            assert len(found) == 1, (i, found)
+            a_keep.append(found[0][0])
+            f_keep.append(found[0][1])
+    return torch.tensor(a_keep), torch.tensor(f_keep)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_stochastic_depth_runs_branches_on_kept_samples_only(packed):
+    """With drop rate p the block computes each residual branch on the kept samples only, and the output and
+    every gradient equal the plain formula ``x + mask * branch(x) / (1 - p)`` with the same masks."""
+    blk, keep = _block(0.5), 0.5
+    seen = []
+    blk.mlp.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[0]))
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(40, 5, 16, generator=g), torch.randn(30, 3, 16, generator=g)]
+    if packed:
+        x, layout = pack_tokens([t.clone().requires_grad_() for t in xs])
+        out = unpack_tokens(blk(x, layout=layout), layout)
+        leaves = None
+    else:
+        leaves = [t.clone().requires_grad_() for t in xs]
+        out = [blk(t) for t in leaves]
+    masks = [_which_kept(blk, t, o, keep) for t, o in zip(xs, out)]
+    a_keep = torch.cat([m[0] for m in masks])
+    f_keep = torch.cat([m[1] for m in masks])
+    assert 0.3 < a_keep.float().mean() < 0.7 and 0.3 < f_keep.float().mean() < 0.7
+    # The FFN saw only the kept samples' tokens (one call packed, one per batch otherwise).
+    kept_tokens = [int(m[1].sum()) * t.shape[1] for m, t in zip(masks, xs)]
+    assert seen[: (1 if packed else 2)] == ([sum(kept_tokens)] if packed else [m[1].sum().item() for m in masks])
+
+    w = [torch.randn(o.shape, generator=g) for o in out]
+    blk.zero_grad(set_to_none=True)
+    sum((o * wi).sum() for o, wi in zip(out, w)).backward()
+    got = {n: p.grad.clone() for n, p in blk.named_parameters()}
+    blk.zero_grad(set_to_none=True)
+    ref = [_reference_block(blk, t, m[0], m[1], keep) for t, m in zip(xs, masks)]
+    sum((r * wi).sum() for r, wi in zip(ref, w)).backward()
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    for n, p in blk.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_stochastic_depth_dropping_everything_keeps_every_parameter_in_the_graph():
+    """Rate 1.0 drops both branches for all samples: the output is the input, yet every parameter gets a (zero)
+    gradient, which DDP needs to see every parameter used in every step."""
+    blk = _block(1.0)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    out = blk(x)
+    assert torch.equal(out, x)
+    out.sum().backward()
+    for n, p in blk.named_parameters():
+        assert p.grad is not None and not p.grad.any(), n
+    blk.eval()
+    assert not torch.equal(blk(x), x)  # eval mode never drops
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+def test_selected_patches_equal_the_full_forward(drop):
+    """``select_patches`` computes the last block for the CLS tokens and the selected patches only: same values
+    and same gradients as reading them from the full output (stochastic depth included: the masks are drawn
+    in the same order from the same generator, so a fixed seed gives the same draw on both paths)."""
+    model = _model(drop_path_rate=drop).train()
+    glob, loc, masks = _crops()
+    sel = torch.tensor([0, 5, 6, 17, 40, 63, 33])  # into the (4 * 16) flattened patch grid of the global batch
+
+    def run(select):
+        torch.manual_seed(7)
+        model.zero_grad(set_to_none=True)
+        if select:
+            g, lo = model([glob, loc], masks=[masks, None], is_training=True,
+                          select_patches=[sel, torch.empty(0, dtype=torch.long)])
+            patches = g["x_norm_selected_patchtokens"]
+        else:
+            g, lo = model([glob, loc], masks=[masks, None], is_training=True)
+            patches = g["x_norm_patchtokens"].flatten(0, 1)[sel]
+        feats = [g["x_norm_clstoken"], lo["x_norm_clstoken"], patches]
+        (feats[0].sin().sum() + (feats[1] ** 2).sum() + feats[2].cos().sum()).backward()
+        return feats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    full, grad_full = run(False)
+    sel_out, grad_sel = run(True)
+    for a, b in zip(sel_out, full):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert grad_sel.keys() == grad_full.keys()
+    for n in grad_full:
+        torch.testing.assert_close(grad_sel[n], grad_full[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_selected_patches_with_a_none_entry_and_a_single_batch():
+    model = _model().eval()
+    glob, loc, masks = _crops()
+    sel = torch.tensor([3, 20])
+    g, lo = model.forward_features([glob, loc], [masks, None], select_patches=[sel, None])
+    ref_g, ref_lo = model.forward_features([glob, loc], [masks, None])
+    torch.testing.assert_close(g["x_norm_selected_patchtokens"], ref_g["x_norm_patchtokens"].flatten(0, 1)[sel])
+    for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
+        torch.testing.assert_close(lo[k], ref_lo[k], rtol=1e-5, atol=1e-5)
+    single = model.forward_features(glob, masks, select_patches=sel)
+    torch.testing.assert_close(single["x_norm_clstoken"], ref_g["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="integer index"):
+        model.forward_features(glob, masks, select_patches=torch.zeros(2, dtype=torch.bool))

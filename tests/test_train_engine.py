@@ -114,6 +114,20 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, photo_folder):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_ddp_with_heavy_stochastic_depth(tmp_path, photo_folder):
+    """Stochastic depth runs each residual branch on the kept samples only. At rate 0.9 with 2 images per rank,
+    whole branches are dropped on one rank and not the other; DDP still sees a gradient for every parameter."""
+    out = tmp_path / "dp"
+    _assert_ok(run_train(out, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 2,
+                                                              "student.drop_path_rate": 0.9,
+                                                              "optim.epochs": 1}), nproc=2))
+    got = _losses(out)
+    assert [i for i, _ in got] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)).all() for _, v in got)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_resume_on_a_different_world_size(tmp_path, photo_folder):
     ref, switched = tmp_path / "ref", tmp_path / "switched"
     ls = {"student.layerscale": 1.0}  # well-conditioned KoLeo (see the test above)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_distill.losses.sinkhorn import CenteredTeacherLoss, sinkhorn_knopp
+from ssl_distill.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["DINOLoss"]
 
@@ -79,16 +79,23 @@ class DINOLoss(CenteredTeacherLoss):
         """
         if len(student_logits_list) == 0 or len(teacher_probs_list) == 0:
             raise ValueError("DINOLoss needs at least one student and one teacher crop.")
+        for t in teacher_probs_list:
+            if t.shape != teacher_probs_list[0].shape:
+                raise ValueError(f"teacher probabilities {tuple(t.shape)} and {tuple(teacher_probs_list[0].shape)} "
+                                 "must have the same (B, K) shape.")
+        # The sum over (student, teacher) pairs is linear in the teacher, so each student meets the sum of the
+        # teachers once: one cross-entropy per student crop instead of one per pair.
+        teachers = teacher_probs_list[0]
+        if len(teacher_probs_list) > 1:
+            teachers = torch.stack(list(teacher_probs_list)).sum(0)
         total = None
         for s in student_logits_list:
-            lsm = F.log_softmax(s / self.student_temp, dim=-1)
-            for t in teacher_probs_list:
-                if t.shape != s.shape:
-                    raise ValueError(
-                        f"student logits {tuple(s.shape)} and teacher probabilities {tuple(t.shape)} must have "
-                        "the same (B, K) shape."
-                    )
-                loss = -torch.sum(t * lsm, dim=-1).mean()
-                total = loss if total is None else total + loss
+            if teachers.shape != s.shape:
+                raise ValueError(
+                    f"student logits {tuple(s.shape)} and teacher probabilities {tuple(teachers.shape)} must have "
+                    "the same (B, K) shape."
+                )
+            loss = soft_cross_entropy(s, teachers, self.student_temp).mean()
+            total = loss if total is None else total + loss
         assert total is not None
         return total

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_distill.losses.sinkhorn import CenteredTeacherLoss, sinkhorn_knopp
+from ssl_distill.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -99,7 +99,8 @@ class iBOTPatchLoss(CenteredTeacherLoss):
                 f"student logits {tuple(student_logits.shape)} and teacher probabilities "
                 f"{tuple(teacher_probs.shape)} must have the same shape."
             )
-        return torch.sum(teacher_probs * F.log_softmax(student_logits / self.student_temp, dim=-1), dim=-1)
+        rows = soft_cross_entropy(student_logits.flatten(0, -2), teacher_probs.flatten(0, -2), self.student_temp)
+        return -rows.view(student_logits.shape[:-1])
 
     def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor) -> Tensor:
         """Loss on full token grids.

@@ -175,7 +175,9 @@ class CenteredTeacherLoss(nn.Module):
             )
         self.apply_center_update()
         center = self.center.reshape(-1)
-        return torch.softmax((teacher_logits - center) / teacher_temp, dim=-1)
+        x = torch.sub(teacher_logits, center).mul_(1.0 / teacher_temp)  # one buffer, softmax in place
+        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+        return x.div_(x.sum(dim=-1, keepdim=True))
 
 
 def _apply_pending_before_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:

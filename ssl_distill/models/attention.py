@@ -146,7 +146,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: Tensor, return_attention: bool = False, layout: Sequence[tuple[int, int]] | None = None,
-        out_scale: Tensor | None = None,
+        out_scale: Tensor | None = None, rows: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``x``: ``(B, N, D)`` -> ``(B, N, D)``; with ``return_attention`` also ``(B, H, N, N)`` weights
         (computed with the ``"math"`` kernel).
@@ -157,11 +157,16 @@ class Attention(nn.Module):
 
         ``out_scale`` ``(D,)``: multiply the output by it, folded into ``proj`` (see :func:`scaled_linear`); the
         block passes its LayerScale gamma here.
+
+        ``rows`` (packed input only): return the output of those token rows only, ``(len(rows), D)``; every token
+        still serves as key and value, but ``proj`` runs on the selected rows alone.
         """
         if layout is not None:
             if return_attention:
                 raise ValueError("return_attention is not supported for packed (layout=...) input")
-            return self._forward_packed(x, layout, out_scale)
+            return self._forward_packed(x, layout, out_scale, rows)
+        if rows is not None:
+            raise ValueError("rows= needs packed (layout=...) input")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
@@ -171,7 +176,8 @@ class Attention(nn.Module):
         out = self.proj_drop(scaled_linear(self.proj, out.transpose(1, 2).reshape(B, N, C), out_scale))
         return (out, weights) if return_attention else out
 
-    def _forward_packed(self, x: Tensor, layout: Sequence[tuple[int, int]], out_scale: Tensor | None) -> Tensor:
+    def _forward_packed(self, x: Tensor, layout: Sequence[tuple[int, int]], out_scale: Tensor | None,
+                        rows: Tensor | None = None) -> Tensor:
         """Packed tokens ``(T, D)`` -> ``(T, D)``; see :meth:`forward`."""
         T, C = x.shape
         sizes = [b * n for b, n in layout]
@@ -183,7 +189,10 @@ class Attention(nn.Module):
             q, k, v = chunk.view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             out = attention(q, k, v, impl=self.impl, dropout_p=p, scale=self.scale)
             outs.append(out.transpose(1, 2).reshape(b * n, C))
-        return self.proj_drop(scaled_linear(self.proj, torch.cat(outs), out_scale))
+        out = torch.cat(outs)
+        if rows is not None:
+            out = out.index_select(0, rows)
+        return self.proj_drop(scaled_linear(self.proj, out, out_scale))
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, impl={self.impl!r}"

@@ -13,6 +13,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _WeightNorm(torch.autograd.Function):
+    """``w = g * v / ||v||`` (row-wise) with a hand-written backward.
+
+    With ``65536 x 256`` prototypes every elementwise pass over the weight is a large memory sweep; autograd's
+    version of the expression allocates about ten weight-sized buffers per step, this one two (``w`` forward,
+    ``grad_v`` backward): ``grad_g = (grad_w . v) / n`` and
+    ``grad_v = (g / n) * grad_w - (g * (grad_w . v) / n^3) * v``.
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        norm = torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        ctx.save_for_backward(g, v, norm)
+        return v * (g / norm)
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        g, v, norm = ctx.saved_tensors
+        with torch.autocast(v.device.type, enabled=False):  # full-precision row dot products
+            dot = torch.bmm(grad_w.to(v.dtype).unsqueeze(1), v.unsqueeze(2)).view(-1, 1)  # row-wise grad_w . v
+            grad_v = grad_w * (g / norm)
+            grad_v.addcmul_(v, g * dot / norm.pow(3), value=-1.0)
+        return dot / norm, grad_v
+
+
 class WeightNormLinear(nn.Module):
     """Bias-free Linear with ``weight = weight_g * weight_v / ||weight_v||`` (row-wise norm).
 
@@ -35,8 +60,8 @@ class WeightNormLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """Effective ``(out, in)`` weight; each row has L2 norm ``weight_g``."""
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+        """Effective ``(out, in)`` weight; each row has L2 norm ``weight_g`` (see :class:`_WeightNorm`)."""
+        return _WeightNorm.apply(self.weight_g, self.weight_v)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)

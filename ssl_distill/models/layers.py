@@ -8,6 +8,7 @@ DINOv2 (Oquab et al., 2023).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,10 @@ def unpack_tokens(x: Tensor, layout: Sequence[tuple[int, int]]) -> list[Tensor]:
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al., 2016), timm style: each sample's residual branch is dropped independently.
 
-    The DINOv2 reference instead drops a random batch subset per block; both are equal in expectation.
+    Called as a module it multiplies a computed branch by the keep mask (:func:`drop_path`). :class:`Block` does
+    better: it asks :meth:`subset` which samples keep their branch and computes the branch for those only (the
+    DINOv2 reference does the same for rates above 0.1, with a fixed-size random subset instead of independent
+    per-sample draws; both are equal in expectation).
     """
 
     def __init__(self, drop_prob: float = 0.0) -> None:
@@ -69,8 +73,74 @@ class DropPath(nn.Module):
             return drop_path_packed(x, layout, self.drop_prob, self.training)
         return drop_path(x, self.drop_prob, self.training)
 
+    def subset(self, x: Tensor, layout: Sequence[tuple[int, int]] | None = None) -> KeptSamples:
+        """Draw which samples of ``x`` keep their branch (see :class:`KeptSamples`).
+
+        ``x`` is ``(B, N, D)`` or packed ``(T, D)`` with ``layout``. Each sample is kept with probability
+        ``1 - drop_prob``; kept branches are added back with weight ``alpha = 1 / (1 - drop_prob)``. When every
+        sample is dropped, one sample still runs with ``alpha = 0``: the output is unchanged but every parameter
+        gets a (zero) gradient, as DDP expects. The draw happens on the CPU generator, so the number of kept
+        samples is known without a device sync.
+        """
+        keep = 1.0 - self.drop_prob
+        counts = [b for b, _ in layout] if layout is not None else [int(x.shape[0])]
+        rows_per_sample = [n for b, n in layout for _ in range(b)] if layout is not None else None
+        kept = (torch.rand(sum(counts)) < keep).tolist()
+        alpha = 1.0 / keep if keep > 0.0 else 0.0
+        if not any(kept):
+            kept[0], alpha = True, 0.0
+        sub_layout = None
+        if layout is not None:
+            flags = iter(kept)
+            sub_layout = [(k, n) for (b, n) in layout if (k := sum(next(flags) for _ in range(b)))]
+        return KeptSamples(kept, rows_per_sample, sub_layout, alpha, x.device)
+
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+class KeptSamples:
+    """The samples whose residual branch runs in one stochastic-depth draw (:meth:`DropPath.subset`).
+
+    :meth:`gather` takes their rows out of ``x`` (one ``split`` + one ``cat``: the backward is one ``cat``
+    too, far cheaper on CPU than ``index_select``'s scatter-add backward); :meth:`add` adds the branch output
+    back with ``index_add``. ``layout`` is the packed layout of the gathered rows (None for ``(B, N, D)``).
+    """
+
+    def __init__(self, kept: list[bool], rows_per_sample: list[int] | None,
+                 layout: list[tuple[int, int]] | None, alpha: float, device: torch.device) -> None:
+        self.layout = layout
+        self.alpha = alpha
+        rows = rows_per_sample or [1] * len(kept)
+        # Runs of consecutive samples with the same flag: fewer, larger pieces to split and concatenate.
+        self.run_rows: list[int] = []
+        self.run_kept: list[bool] = []
+        for flag, n in zip(kept, rows):
+            if self.run_kept and self.run_kept[-1] == flag:
+                self.run_rows[-1] += n
+            else:
+                self.run_rows.append(n)
+                self.run_kept.append(flag)
+        pieces, start = [], 0
+        for n, flag in zip(self.run_rows, self.run_kept):
+            if flag:
+                pieces.append(torch.arange(start, start + n))
+            start += n
+        index = torch.cat(pieces)
+        if device.type == "cuda":
+            index = index.pin_memory()
+        self.index = index.to(device, non_blocking=True)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The kept samples' rows of ``x`` (dim 0), in order."""
+        if len(self.run_rows) == 1:
+            return x
+        parts = x.split(self.run_rows)
+        return torch.cat([p for p, k in zip(parts, self.run_kept) if k])
+
+    def add(self, x: Tensor, h: Tensor) -> Tensor:
+        """``x`` with ``alpha * h`` added to the kept samples' rows."""
+        return x.index_add(0, self.index, h.to(x.dtype), alpha=self.alpha)
 
 
 class LayerScale(nn.Module):
@@ -211,37 +281,70 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(
-        self, x: Tensor | list[Tensor], layout: Sequence[tuple[int, int]] | None = None
+        self, x: Tensor | list[Tensor], layout: Sequence[tuple[int, int]] | None = None, rows: Tensor | None = None
     ) -> Tensor | list[Tensor]:
         """``(B, N, D)`` tokens, or a list of token batches of different resolutions (same shapes back), or
         packed tokens ``(T, D)`` with their ``layout`` ``[(B_i, N_i)]`` (see :func:`pack_tokens`).
+
+        ``rows`` (packed input): compute the output of those token rows only, ``(len(rows), D)`` — for a last
+        block whose other outputs nobody reads. All tokens still feed the attention as keys and values; the
+        attention projection, both residuals, ``norm2`` and the MLP run on the selected rows alone.
 
         Lists and packed tokens go through this one entry point (not a side method) so wrappers that hook
         ``__call__``, such as FSDP2's unshard/reshard, see every use of the block.
         """
         if isinstance(x, (list, tuple)):
             return self.forward_list(list(x))
-        if layout is not None:
-            return self._forward_packed(x, layout)
-        x = x + self.drop_path1(self.attn(self.norm1(x), out_scale=self._gamma(self.ls1)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2)))
-        return x
+        if rows is not None:
+            if layout is None:
+                raise ValueError("rows= needs packed tokens and their layout")
+            return self._forward_rows(x, layout, rows)
+        x = self._residual(x, self._attn_branch, self.drop_path1, layout)
+        return self._residual(x, self._ffn_branch, self.drop_path2, layout)
+
+    def _attn_branch(self, x: Tensor, layout: Sequence[tuple[int, int]] | None) -> Tensor:
+        """``ls1(attn(norm1(x)))``, LayerScale folded into ``proj``; packed tokens attend per resolution."""
+        return self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1))
+
+    def _ffn_branch(self, x: Tensor, layout: Sequence[tuple[int, int]] | None) -> Tensor:
+        """``ls2(mlp(norm2(x)))``, LayerScale folded into the output linear (token-wise: no layout needed)."""
+        return self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2))
+
+    def _residual(self, x: Tensor, branch: Any, drop: nn.Module, layout: Sequence[tuple[int, int]] | None) -> Tensor:
+        """``x + drop_path(branch(x))`` where the branch only runs on the samples that keep it
+        (:meth:`DropPath.subset`): with drop rate ``p`` it skips a fraction ``p`` of the branch's work, forward
+        and backward, instead of computing everything and multiplying part of it by zero."""
+        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0):
+            return x + branch(x, layout)
+        kept = drop.subset(x, layout)
+        return kept.add(x, branch(kept.gather(x), kept.layout))
+
+    def _forward_rows(self, x: Tensor, layout: Sequence[tuple[int, int]], rows: Tensor) -> Tensor:
+        """See :meth:`forward` (``rows``). Stochastic depth multiplies each row's branch by its sample's mask."""
+        h = self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1), rows=rows)
+        x = x.index_select(0, rows) + self._row_drop(self.drop_path1, h, layout, rows)
+        return x + self._row_drop(self.drop_path2, self._ffn_branch(x, None), layout, rows)
+
+    @staticmethod
+    def _row_drop(drop: nn.Module, h: Tensor, layout: Sequence[tuple[int, int]], rows: Tensor) -> Tensor:
+        """``drop_path`` for a branch output ``h`` of the packed token ``rows``: whole samples keep or drop."""
+        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0):
+            return h
+        keep = 1.0 - drop.drop_prob
+        n_samples = sum(b for b, _ in layout)
+        scale = (torch.rand(n_samples) < keep).to(h.dtype) / keep if keep > 0.0 else torch.zeros(n_samples)
+        sizes = torch.tensor([b * n for b, n in layout], device=rows.device)
+        tokens = torch.tensor([n for _, n in layout], device=rows.device)
+        first_sample = torch.tensor([0] + [b for b, _ in layout][:-1], device=rows.device).cumsum(0)
+        group = torch.searchsorted(sizes.cumsum(0), rows, right=True)
+        sample = first_sample[group] + (rows - (sizes.cumsum(0) - sizes)[group]) // tokens[group]
+        return h * scale.to(h.device, h.dtype)[sample].unsqueeze(-1)
 
     @staticmethod
     def _gamma(ls: nn.Module) -> Tensor | None:
         """LayerScale's gamma, which the attention / FFN fold into their output linear (``ls1``/``ls2`` keep the
         parameters and the state-dict keys; folding saves two token-sized multiplies per residual branch)."""
         return ls.gamma if isinstance(ls, LayerScale) else None
-
-    def _forward_packed(self, x: Tensor, layout: Sequence[tuple[int, int]]) -> Tensor:
-        """Packed tokens ``(T, D)`` -> ``(T, D)``: norms, ``qkv``, ``proj`` and the MLP run once over all tokens
-        (larger matrix products, fewer kernel launches); attention runs per resolution."""
-        dp1 = self.drop_path1 if isinstance(self.drop_path1, DropPath) else None
-        dp2 = self.drop_path2 if isinstance(self.drop_path2, DropPath) else None
-        h = self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1))
-        x = x + (dp1(h, layout) if dp1 is not None else h)
-        h = self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2))
-        return x + (dp2(h, layout) if dp2 is not None else h)
 
     def forward_list(self, xs: list[Tensor]) -> list[Tensor]:
         """Run the block over crops of different resolutions: ``[(B_i, N_i, D)]`` -> same shapes.
@@ -252,4 +355,4 @@ class Block(nn.Module):
         if len(xs) == 1:
             return [self.forward(xs[0])]
         packed, layout = pack_tokens(xs)
-        return unpack_tokens(self._forward_packed(packed, layout), layout)
+        return unpack_tokens(self.forward(packed, layout), layout)

@@ -169,20 +169,25 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def _run_blocks(self, xs: list[Tensor]) -> list[Tensor]:
+    def _run_blocks(self, xs: list[Tensor], rows: Tensor | None = None) -> list[Tensor] | Tensor:
         """All blocks over a list of token batches (one per resolution).
 
         With ``packed`` (the default) and several batches, their tokens are concatenated once into a ``(T, D)``
         matrix that every block processes in one pass (norms, linears and MLP over all tokens; attention per
         resolution); otherwise each block runs per batch. With ``grad_checkpointing`` (and autograd recording),
         each block's activations are recomputed in the backward pass instead of stored.
+
+        ``rows``: token rows of the packed ``(T, D)`` matrix whose final output is wanted; the last block then
+        computes only those (:meth:`Block.forward`) and the result is ``(len(rows), D)``.
         """
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        if self.packed and len(xs) > 1:
+        if (self.packed and len(xs) > 1) or rows is not None:
             x, layout = pack_tokens(xs)
-            for blk in self.blocks:
-                x = self._call_block(blk, x, ckpt, layout=layout)
-            return unpack_tokens(x, layout)
+            last = len(self.blocks) - 1
+            for i, blk in enumerate(self.blocks):
+                kwargs = {"rows": rows} if rows is not None and i == last else {}
+                x = self._call_block(blk, x, ckpt, layout=layout, **kwargs)
+            return x if rows is not None else unpack_tokens(x, layout)
         for blk in self.blocks:
             xs = self._call_block(blk, xs, ckpt)
         return xs
@@ -207,7 +212,8 @@ class VisionTransformer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward_features(
-        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None,
+        select_patches: Tensor | list[Tensor | None] | None = None,
     ) -> FeatureDict | list[FeatureDict]:
         """Features of a batch ``x`` ``(B, C, H, W)`` with optional bool ``masks`` ``(B, N)``.
 
@@ -215,16 +221,26 @@ class VisionTransformer(nn.Module):
         ``x_norm_patchtokens`` ``(B, N, D)``, ``x_prenorm`` ``(B, 1 + R + N, D)`` and ``masks``.
         ``x`` may be a list of batches of different resolutions (e.g. global and local crops) with a matching list
         of masks (entries may be None); the result is then a list of dicts. Attention runs per resolution.
+
+        ``select_patches`` (training): a 1-D index tensor into the flattened ``(B * N)`` patch grid (a list, one
+        entry per batch, for list input; None entries = everything). Only the CLS tokens and those patches are
+        then computed by the last block, and the dict holds ``x_norm_clstoken`` ``(B, D)``,
+        ``x_norm_selected_patchtokens`` ``(len(index), D)`` (in index order) and ``masks``: the same values as
+        ``x_norm_patchtokens.flatten(0, 1)[index]``, with the last block's projection and MLP work cut to the
+        rows a loss reads (an empty index keeps the CLS tokens only).
         """
         if isinstance(x, (list, tuple)):
-            return self.forward_features_list(list(x), masks)
+            return self.forward_features_list(list(x), masks, select_patches)
         if isinstance(masks, (list, tuple)):
             raise TypeError("a list of masks needs a list of image batches; pass masks as one (B, N) tensor")
+        if select_patches is not None:
+            return self.forward_features_list([x], [masks], [select_patches])[0]
         tokens = self._run_blocks([self.prepare_tokens_with_masks(x, masks)])[0]
         return self._output_dict(tokens, masks)
 
     def forward_features_list(
-        self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None
+        self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None,
+        select_patches: list[Tensor | None] | None = None,
     ) -> list[FeatureDict]:
         """:meth:`forward_features` for a list of batches (see there)."""
         if masks_list is None:
@@ -235,14 +251,50 @@ class VisionTransformer(nn.Module):
                 "(entries may be None)"
             )
         xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
-        xs = self._run_blocks(xs)
-        return [self._output_dict(x, m) for x, m in zip(xs, masks_list)]
+        if select_patches is None:
+            return [self._output_dict(x, m) for x, m in zip(self._run_blocks(xs), masks_list)]
+        if not isinstance(select_patches, (list, tuple)) or len(select_patches) != len(x_list):
+            raise ValueError(f"with a list of {len(x_list)} image batches, select_patches must be a list of the "
+                             "same length (entries may be None)")
+        rows, counts = self._selected_rows(xs, select_patches)
+        out = self._run_blocks(xs, rows).split(counts)
+        result = []
+        for x_out, x_in, m, sel in zip(out, xs, masks_list, select_patches):
+            if sel is None:  # everything was kept for this batch
+                result.append(self._output_dict(x_out.view(x_in.shape), m))
+            else:
+                b, x_norm = x_in.shape[0], self.norm(x_out)
+                result.append({"x_norm_clstoken": x_norm[:b], "x_norm_selected_patchtokens": x_norm[b:], "masks": m})
+        return result
+
+    def _selected_rows(self, xs: list[Tensor], select_patches: Sequence[Tensor | None]) -> tuple[Tensor, list[int]]:
+        """Packed token rows to compute in the last block: per batch, all of them (entry None) or the CLS tokens
+        followed by the selected patches (indices into the batch's flattened ``(B * N_patches)`` grid)."""
+        rows, counts, start = [], [], 0
+        r = self.num_register_tokens
+        for x, sel in zip(xs, select_patches):
+            b, n = x.shape[:2]
+            if sel is None:
+                rows.append(torch.arange(start, start + b * n, device=x.device))
+            else:
+                if sel.dtype not in (torch.int64, torch.int32) or sel.ndim != 1:
+                    raise TypeError(f"select_patches entries must be 1-D integer index tensors, got {sel.dtype} "
+                                    f"{tuple(sel.shape)}")
+                n_patch = n - 1 - r
+                sel = sel.to(x.device, torch.int64)
+                rows.append(start + torch.arange(b, device=x.device) * n)
+                rows.append(start + sel.div(n_patch, rounding_mode="floor") * n + 1 + r + sel.remainder(n_patch))
+            counts.append(b * n if sel is None else b + int(sel.shape[0]))
+            start += b * n
+        return torch.cat(rows), counts
 
     def forward(
-        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, is_training: bool = False
+        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, is_training: bool = False,
+        select_patches: Tensor | list[Tensor | None] | None = None,
     ) -> Tensor | list[Tensor] | FeatureDict | list[FeatureDict]:
-        """``head(x_norm_clstoken)`` ``(B, D)`` (head is Identity), or the feature dict(s) when ``is_training``."""
-        ret = self.forward_features(x, masks)
+        """``head(x_norm_clstoken)`` ``(B, D)`` (head is Identity), or the feature dict(s) when ``is_training``
+        (``select_patches``: see :meth:`forward_features`)."""
+        ret = self.forward_features(x, masks, select_patches)
         if is_training:
             return ret
         if isinstance(ret, list):

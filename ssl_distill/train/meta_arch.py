@@ -118,17 +118,23 @@ class SSLMetaArch(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _patches_read(self, batch: dict[str, Tensor] | None) -> Tensor:
+        """The patch tokens a loss reads (iBOT's masked global patches; none for local crops or without iBOT):
+        the backbone's last block computes only those and the CLS tokens (``select_patches``)."""
+        if batch is not None and self.do_ibot:
+            return batch["mask_indices"]
+        return torch.empty(0, dtype=torch.long, device=self.device)
+
     # ---------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
     def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens."""
-        out = self.teacher.backbone(batch["global_crops"], is_training=True)
+        out = self.teacher.backbone(batch["global_crops"], is_training=True,
+                                    select_patches=self._patches_read(batch))
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls = torch.cat((cls[1], cls[0]))  # swapped, so student crop A meets teacher crop B
         n_cls = cls.shape[0]
-        masked_patches = None
-        if self.do_ibot:
-            masked_patches = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices"])
+        masked_patches = out["x_norm_selected_patchtokens"] if self.do_ibot else None
         if self.do_ibot and not self.ibot_separate_head:
             logits = self.teacher.dino_head(torch.cat((cls, masked_patches)))
             cls_logits, patch_logits = logits[:n_cls], logits[n_cls:]
@@ -160,14 +166,15 @@ class SSLMetaArch(nn.Module):
         if self.n_local_crops > 0:
             crops.append(batch["local_crops"])
             masks.append(None)
-        outs = self._student_fwd["backbone"](crops, masks=masks, is_training=True)
+        select = [self._patches_read(batch)] + [self._patches_read(None)] * (len(crops) - 1)
+        outs = self._student_fwd["backbone"](crops, masks=masks, is_training=True, select_patches=select)
         g = outs[0]
         pieces = [g["x_norm_clstoken"]]
         if self.n_local_crops > 0:
             pieces.insert(0, outs[1]["x_norm_clstoken"])
         masked = None
         if self.do_ibot:
-            masked = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, batch["mask_indices"])
+            masked = g["x_norm_selected_patchtokens"]
             if not self.ibot_separate_head:
                 pieces.append(masked)
         sizes = [p.shape[0] for p in pieces]
@@ -249,8 +256,7 @@ class SSLMetaArch(nn.Module):
                     raise RuntimeError(f"student/teacher parameter mismatch: {ns} vs {nt}")
                 s_params.append(_local_tensor(ps.detach()))
                 t_params.append(_local_tensor(pt.detach()))
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)  # t + (1 - m) * (s - t): one pass
 
     def clip_gradients(self, max_norm: float) -> dict[str, float]:
         """Clip each student part's gradients separately (as DINOv2 does); returns their pre-clip norms."""
