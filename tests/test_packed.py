@@ -191,11 +191,12 @@ def test_stochastic_depth_dropping_everything_keeps_every_parameter_in_the_graph
     assert not torch.equal(blk(x), x)  # eval mode never drops
 
 
-@pytest.mark.parametrize("drop", [0.0, 0.5])
-def test_selected_patches_equal_the_full_forward(drop):
+@pytest.mark.parametrize(("drop", "ckpt"), [(0.0, False), (0.5, False), (0.5, True)])
+def test_selected_patches_equal_the_full_forward(drop, ckpt):
     """``select_patches`` computes the last block for the CLS tokens and the selected patches only: same values
     and same gradients as reading them from the full output (stochastic depth included: the masks are drawn
-    in the same order from the same generator, so a fixed seed gives the same draw on both paths)."""
+    in the same order from the same generator, so a fixed seed gives the same draw on both paths; with
+    activation checkpointing the recomputation replays the same draws)."""
     model = _model(drop_path_rate=drop).train()
     glob, loc, masks = _crops()
     sel = torch.tensor([0, 5, 6, 17, 40, 63, 33])  # into the (4 * 16) flattened patch grid of the global batch
@@ -203,6 +204,7 @@ def test_selected_patches_equal_the_full_forward(drop):
     def run(select):
         torch.manual_seed(7)
         model.zero_grad(set_to_none=True)
+        model.grad_checkpointing = ckpt and select  # reference: the full forward without checkpointing
         if select:
             g, lo = model([glob, loc], masks=[masks, None], is_training=True,
                           select_patches=[sel, torch.empty(0, dtype=torch.long)])
