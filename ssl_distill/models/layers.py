@@ -55,6 +55,30 @@ def unpack_tokens(x: Tensor, layout: Sequence[tuple[int, int]]) -> list[Tensor]:
     return [t.view(b, n, -1) for t, (b, n) in zip(x.split([b * n for b, n in layout]), layout)]
 
 
+def selected_token_rows(xs: Sequence[Tensor], select_patches: Sequence[Tensor | None],
+                        num_register_tokens: int = 0) -> tuple[Tensor, list[int]]:
+    """Rows of the packed tokens of ``xs`` (``[(B_i, N_i, D)]``, each ``[CLS, registers, patches]``) to compute
+    in a last block: per batch, all of them (entry None) or the CLS tokens followed by the selected patches (indices
+    into the batch's flattened ``(B_i * patches)`` grid). Also returns the number of rows per batch."""
+    rows, counts, start = [], [], 0
+    r = num_register_tokens
+    for x, sel in zip(xs, select_patches):
+        b, n = x.shape[:2]
+        if sel is None:
+            rows.append(torch.arange(start, start + b * n, device=x.device))
+        else:
+            if sel.dtype not in (torch.int64, torch.int32) or sel.ndim != 1:
+                raise TypeError(f"select_patches entries must be 1-D integer index tensors, got {sel.dtype} "
+                                f"{tuple(sel.shape)}")
+            n_patch = n - 1 - r
+            sel = sel.to(x.device, torch.int64)
+            rows.append(start + torch.arange(b, device=x.device) * n)
+            rows.append(start + sel.div(n_patch, rounding_mode="floor") * n + 1 + r + sel.remainder(n_patch))
+        counts.append(b * n if sel is None else b + int(sel.shape[0]))
+        start += b * n
+    return torch.cat(rows), counts
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al., 2016), timm style: each sample's residual branch is dropped independently.
 

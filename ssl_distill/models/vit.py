@@ -17,7 +17,14 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
-from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed, pack_tokens, unpack_tokens
+from ssl_distill.models.layers import (
+    FFN_LAYERS,
+    Block,
+    PatchEmbed,
+    pack_tokens,
+    selected_token_rows,
+    unpack_tokens,
+)
 
 FeatureDict = dict[str, Any]
 
@@ -256,7 +263,7 @@ class VisionTransformer(nn.Module):
         if not isinstance(select_patches, (list, tuple)) or len(select_patches) != len(x_list):
             raise ValueError(f"with a list of {len(x_list)} image batches, select_patches must be a list of the "
                              "same length (entries may be None)")
-        rows, counts = self._selected_rows(xs, select_patches)
+        rows, counts = selected_token_rows(xs, select_patches, self.num_register_tokens)
         out = self._run_blocks(xs, rows).split(counts)
         result = []
         for x_out, x_in, m, sel in zip(out, xs, masks_list, select_patches):
@@ -266,27 +273,6 @@ class VisionTransformer(nn.Module):
                 b, x_norm = x_in.shape[0], self.norm(x_out)
                 result.append({"x_norm_clstoken": x_norm[:b], "x_norm_selected_patchtokens": x_norm[b:], "masks": m})
         return result
-
-    def _selected_rows(self, xs: list[Tensor], select_patches: Sequence[Tensor | None]) -> tuple[Tensor, list[int]]:
-        """Packed token rows to compute in the last block: per batch, all of them (entry None) or the CLS tokens
-        followed by the selected patches (indices into the batch's flattened ``(B * N_patches)`` grid)."""
-        rows, counts, start = [], [], 0
-        r = self.num_register_tokens
-        for x, sel in zip(xs, select_patches):
-            b, n = x.shape[:2]
-            if sel is None:
-                rows.append(torch.arange(start, start + b * n, device=x.device))
-            else:
-                if sel.dtype not in (torch.int64, torch.int32) or sel.ndim != 1:
-                    raise TypeError(f"select_patches entries must be 1-D integer index tensors, got {sel.dtype} "
-                                    f"{tuple(sel.shape)}")
-                n_patch = n - 1 - r
-                sel = sel.to(x.device, torch.int64)
-                rows.append(start + torch.arange(b, device=x.device) * n)
-                rows.append(start + sel.div(n_patch, rounding_mode="floor") * n + 1 + r + sel.remainder(n_patch))
-            counts.append(b * n if sel is None else b + int(sel.shape[0]))
-            start += b * n
-        return torch.cat(rows), counts
 
     def forward(
         self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, is_training: bool = False,
