@@ -234,6 +234,10 @@ def test_selected_patches_with_a_none_entry_and_a_single_batch():
     torch.testing.assert_close(g["x_norm_selected_patchtokens"], ref_g["x_norm_patchtokens"].flatten(0, 1)[sel])
     for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
         torch.testing.assert_close(lo[k], ref_lo[k], rtol=1e-5, atol=1e-5)
+    model.packed = False  # blocks per batch list, the last one packed for the row selection: same values
+    g2, _ = model.forward_features([glob, loc], [masks, None], select_patches=[sel, None])
+    torch.testing.assert_close(g2["x_norm_selected_patchtokens"], g["x_norm_selected_patchtokens"], rtol=1e-5,
+                               atol=1e-5)
     single = model.forward_features(glob, masks, select_patches=sel)
     torch.testing.assert_close(single["x_norm_clstoken"], ref_g["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="integer index"):

@@ -188,16 +188,19 @@ class VisionTransformer(nn.Module):
         computes only those (:meth:`Block.forward`) and the result is ``(len(rows), D)``.
         """
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        if (self.packed and len(xs) > 1) or rows is not None:
+        last = len(self.blocks) - 1
+        if self.packed and len(xs) > 1:
             x, layout = pack_tokens(xs)
-            last = len(self.blocks) - 1
             for i, blk in enumerate(self.blocks):
                 kwargs = {"rows": rows} if rows is not None and i == last else {}
                 x = self._call_block(blk, x, ckpt, layout=layout, **kwargs)
             return x if rows is not None else unpack_tokens(x, layout)
-        for blk in self.blocks:
+        for blk in self.blocks if rows is None else self.blocks[:last]:
             xs = self._call_block(blk, xs, ckpt)
-        return xs
+        if rows is None:
+            return xs
+        x, layout = pack_tokens(xs)
+        return self._call_block(self.blocks[last], x, ckpt, layout=layout, rows=rows)
 
     @staticmethod
     def _call_block(blk: nn.Module, x: Any, ckpt: bool, **kwargs: Any) -> Any:
