@@ -114,13 +114,29 @@ class DropPath(nn.Module):
         if not any(kept):
             kept[0], alpha = True, 0.0
         sub_layout = None
-        if layout is not None:
-            flags = iter(kept)
-            sub_layout = [(k, n) for (b, n) in layout if (k := sum(next(flags) for _ in range(b)))]
+        if layout is not None:  # per batch of the layout: how many of its samples are kept (empty batches go)
+            sub_layout, start = [], 0
+            for b, n in layout:
+                if k := sum(kept[start:start + b]):
+                    sub_layout.append((k, n))
+                start += b
         return KeptSamples(kept, rows_per_sample, sub_layout, alpha, x.device)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def _dropping(drop: nn.Module) -> bool:
+    """Whether ``drop`` (a block's ``drop_path1/2``: DropPath or Identity) drops anything in this call."""
+    return isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0
+
+
+def _row_samples(layout: Sequence[tuple[int, int]], rows: Tensor) -> Tensor:
+    """Sample index (samples numbered in layout order) of each packed token row in ``rows``."""
+    tokens_per_sample = torch.tensor([n for b, n in layout for _ in range(b)], device=rows.device)
+    token_sample = torch.arange(len(tokens_per_sample), device=rows.device).repeat_interleave(
+        tokens_per_sample, output_size=sum(b * n for b, n in layout))
+    return token_sample[rows]
 
 
 class KeptSamples:
@@ -338,31 +354,28 @@ class Block(nn.Module):
         """``x + drop_path(branch(x))`` where the branch only runs on the samples that keep it
         (:meth:`DropPath.subset`): with drop rate ``p`` it skips a fraction ``p`` of the branch's work, forward
         and backward, instead of computing everything and multiplying part of it by zero."""
-        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0):
+        if not _dropping(drop):
             return x + branch(x, layout)
         kept = drop.subset(x, layout)
         return kept.add(x, branch(kept.gather(x), kept.layout))
 
     def _forward_rows(self, x: Tensor, layout: Sequence[tuple[int, int]], rows: Tensor) -> Tensor:
         """See :meth:`forward` (``rows``). Stochastic depth multiplies each row's branch by its sample's mask."""
+        samples = _row_samples(layout, rows) if _dropping(self.drop_path1) or _dropping(self.drop_path2) else None
         h = self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1), rows=rows)
-        x = x.index_select(0, rows) + self._row_drop(self.drop_path1, h, layout, rows)
-        return x + self._row_drop(self.drop_path2, self._ffn_branch(x, None), layout, rows)
+        x = x.index_select(0, rows) + self._row_drop(self.drop_path1, h, layout, samples)
+        return x + self._row_drop(self.drop_path2, self._ffn_branch(x, None), layout, samples)
 
     @staticmethod
-    def _row_drop(drop: nn.Module, h: Tensor, layout: Sequence[tuple[int, int]], rows: Tensor) -> Tensor:
-        """``drop_path`` for a branch output ``h`` of the packed token ``rows``: whole samples keep or drop."""
-        if not (isinstance(drop, DropPath) and drop.training and drop.drop_prob > 0.0):
+    def _row_drop(drop: nn.Module, h: Tensor, layout: Sequence[tuple[int, int]], samples: Tensor | None) -> Tensor:
+        """``drop_path`` for a branch output ``h`` of packed token rows whose samples are ``samples``
+        (:func:`_row_samples`): whole samples keep or drop, drawn like :meth:`DropPath.subset`."""
+        if not _dropping(drop):
             return h
         keep = 1.0 - drop.drop_prob
         n_samples = sum(b for b, _ in layout)
         scale = (torch.rand(n_samples) < keep).to(h.dtype) / keep if keep > 0.0 else torch.zeros(n_samples)
-        sizes = torch.tensor([b * n for b, n in layout], device=rows.device)
-        tokens = torch.tensor([n for _, n in layout], device=rows.device)
-        first_sample = torch.tensor([0] + [b for b, _ in layout][:-1], device=rows.device).cumsum(0)
-        group = torch.searchsorted(sizes.cumsum(0), rows, right=True)
-        sample = first_sample[group] + (rows - (sizes.cumsum(0) - sizes)[group]) // tokens[group]
-        return h * scale.to(h.device, h.dtype)[sample].unsqueeze(-1)
+        return h * scale.to(h.device, h.dtype)[samples].unsqueeze(-1)
 
     @staticmethod
     def _gamma(ls: nn.Module) -> Tensor | None:
