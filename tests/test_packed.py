@@ -242,3 +242,9 @@ def test_selected_patches_with_a_none_entry_and_a_single_batch():
     torch.testing.assert_close(single["x_norm_clstoken"], ref_g["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="integer index"):
         model.forward_features(glob, masks, select_patches=torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="select_patches must be a list of the same length"):
+        model.forward_features([glob, loc], [masks, None], select_patches=[sel])
+    with pytest.raises(ValueError, match="rows= needs packed"):
+        model.blocks[-1](torch.randn(2, 5, model.embed_dim), rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="rows= needs packed"):
+        model.blocks[-1].attn(torch.randn(2, 5, model.embed_dim), rows=torch.tensor([0]))
