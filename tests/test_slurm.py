@@ -8,6 +8,7 @@ checkpoint at the current iteration -> requeue -> resume with the same trajector
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import subprocess
@@ -36,7 +37,21 @@ def _submit_args(*argv: str):
 
 
 # -- fast: no cluster --------------------------------------------------------------------------------------------
-def test_executor_parameters_from_flags_and_environment(tmp_path):
+@pytest.fixture
+def fake_slurm_tools(tmp_path, monkeypatch) -> Path:
+    """``sbatch``, ``squeue`` and ``srun`` stand-ins first on PATH that fail if called: the fast tests see "Slurm
+    present" whether or not the machine has it (a clean CI machine does not), and never reach a real cluster."""
+    bin_dir = tmp_path / "fake_slurm_bin"
+    bin_dir.mkdir()
+    for tool in ("sbatch", "squeue", "srun"):
+        script = bin_dir / tool
+        script.write_text(f"#!/bin/sh\necho 'fake {tool}: not a cluster' >&2\nexit 1\n")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ.get('PATH', '')}")
+    return bin_dir
+
+
+def test_executor_parameters_from_flags_and_environment(tmp_path, fake_slurm_tools):
     import submitit
 
     env = {"SSL_DISTILL_SLURM_PARTITION": "gpu", "SSL_DISTILL_SLURM_ACCOUNT": "lab", "SSL_DISTILL_SLURM_QOS": "high"}
@@ -69,8 +84,7 @@ def test_missing_slurm_is_one_clear_error(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_finished_run_is_refused_unless_continued(tmp_path, photo_folder, monkeypatch, capsys):
-    monkeypatch.setattr(slurm.shutil, "which", lambda tool: f"/usr/bin/{tool}")  # Slurm "present": refusal first
+def test_finished_run_is_refused_unless_continued(tmp_path, photo_folder, fake_slurm_tools, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "teacher_backbone.pth").write_bytes(b"")

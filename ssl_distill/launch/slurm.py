@@ -48,8 +48,9 @@ class SubmitError(Exception):
     """A submission the user can fix (no Slurm here, a finished run in DIR, conflicting flags)."""
 
 
-def check_slurm_available(which: Callable[[str], str | None] = shutil.which) -> None:
-    """Raise :class:`SubmitError` unless ``sbatch`` and ``squeue`` are on ``PATH``."""
+def check_slurm_available(which: Callable[[str], str | None] | None = None) -> None:
+    """Raise :class:`SubmitError` unless ``sbatch`` and ``squeue`` are on ``PATH`` (looked up at call time)."""
+    which = which or shutil.which
     missing = [tool for tool in ("sbatch", "squeue") if which(tool) is None]
     if missing:
         raise SubmitError(f"Slurm is not available on this machine ({' and '.join(missing)} not found on PATH). "
