@@ -17,7 +17,8 @@ from ssl_distill.models import (
     vit_small,
     vit_tiny,
 )
-from ssl_distill.models.layers import DropPath, SwiGLUFFNFused
+from ssl_distill.models.layers import SwiGLUFFNFused
+from ssl_distill.models.stochastic_depth import DropPath
 
 # width, depth, heads, written out independently of the implementation
 ARCH = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),

@@ -7,7 +7,8 @@ import torch
 
 from ssl_distill.models import vit_tiny
 from ssl_distill.models.attention import Attention
-from ssl_distill.models.layers import drop_path_packed, pack_tokens, unpack_tokens
+from ssl_distill.models.packing import pack_tokens, unpack_tokens
+from ssl_distill.models.stochastic_depth import DropPath
 
 
 def _model(**kw):
@@ -91,14 +92,14 @@ def test_drop_path_packed_drops_whole_samples():
     torch.manual_seed(0)
     layout = [(50, 3), (40, 2)]
     x = torch.ones(50 * 3 + 40 * 2, 4)
-    out = drop_path_packed(x, layout, drop_prob=0.5, training=True)
+    out = DropPath(0.5).train()(x, layout)
     per_sample = [t.reshape(b, -1) for t, (b, n) in zip(out.split([150, 80]), layout)]
     for s in per_sample:  # every sample is all-zero or all 1 / keep
         assert set(s.unique().tolist()) <= {0.0, 2.0}
         assert ((s == 0).all(1) | (s == 2).all(1)).all()
     kept = torch.cat([s[:, 0] for s in per_sample]).ne(0).float().mean()
     assert 0.3 < kept < 0.7
-    assert torch.equal(drop_path_packed(x, layout, 0.5, training=False), x)
+    assert torch.equal(DropPath(0.5).eval()(x, layout), x)
 
 
 def test_packed_attention_rejects_wrong_layout():
@@ -229,21 +230,23 @@ def test_selected_patches_with_a_none_entry_and_a_single_batch():
     model = _model().eval()
     glob, loc, masks = _crops()
     sel = torch.tensor([3, 20])
-    g, lo = model.forward_features([glob, loc], [masks, None], select_patches=[sel, None])
+    g, lo = model.forward_train([glob, loc], [masks, None], select_patches=[sel, None])
     ref_g, ref_lo = model.forward_features([glob, loc], [masks, None])
     torch.testing.assert_close(g["x_norm_selected_patchtokens"], ref_g["x_norm_patchtokens"].flatten(0, 1)[sel])
     for k in ("x_norm_clstoken", "x_norm_patchtokens", "x_prenorm"):
         torch.testing.assert_close(lo[k], ref_lo[k], rtol=1e-5, atol=1e-5)
     model.packed = False  # blocks per batch list, the last one packed for the row selection: same values
-    g2, _ = model.forward_features([glob, loc], [masks, None], select_patches=[sel, None])
+    g2, _ = model.forward_train([glob, loc], [masks, None], select_patches=[sel, None])
     torch.testing.assert_close(g2["x_norm_selected_patchtokens"], g["x_norm_selected_patchtokens"], rtol=1e-5,
                                atol=1e-5)
-    single = model.forward_features(glob, masks, select_patches=sel)
+    (single,) = model.forward_train([glob], [masks], select_patches=[sel])
     torch.testing.assert_close(single["x_norm_clstoken"], ref_g["x_norm_clstoken"], rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="integer index"):
-        model.forward_features(glob, masks, select_patches=torch.zeros(2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="select_patches must be a list of the same length"):
-        model.forward_features([glob, loc], [masks, None], select_patches=[sel])
+        model.forward_train([glob], [masks], select_patches=[torch.zeros(2, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="select_patches must be None or a list of the same length"):
+        model.forward_train([glob, loc], [masks, None], select_patches=[sel])
+    with pytest.raises(TypeError, match="need a list of crop batches and is_training=True"):
+        model(glob, masks, select_patches=[sel])
     with pytest.raises(ValueError, match="rows= needs packed"):
         model.blocks[-1](torch.randn(2, 5, model.embed_dim), rows=torch.tensor([0]))
     with pytest.raises(ValueError, match="rows= needs packed"):

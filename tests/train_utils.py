@@ -31,14 +31,18 @@ def cli_env() -> dict[str, str]:
 def run_train(out_dir: Path | str, overrides: list[str], nproc: int = 1, timeout: float = 300,
               extra_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """`ssl-distill train` in a subprocess (or under torchrun with ``nproc`` CPU ranks)."""
-    cli = ["-m", "ssl_distill.cli", "train", "--config-file", TINY, "--output-dir", str(out_dir), *extra_args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
-    else:
-        cmd = [sys.executable, *cli]
+    cmd = _train_command(out_dir, nproc, extra_args)
     return subprocess.run(cmd + overrides, env=cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def popen_train(out_dir: Path | str, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "ssl_distill.cli", "train", "--config-file", TINY, "--output-dir", str(out_dir)]
-    return subprocess.Popen(cmd + overrides, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _train_command(out_dir: Path | str, nproc: int, extra_args: tuple[str, ...] = ()) -> list[str]:
+    cli = ["-m", "ssl_distill.cli", "train", "--config-file", TINY, "--output-dir", str(out_dir), *extra_args]
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cli]
+    return [sys.executable, *cli]
+
+
+def popen_train(out_dir: Path | str, overrides: list[str], nproc: int = 1) -> subprocess.Popen:
+    """`ssl-distill train` started in the background, in a process group of its own (kill it with os.killpg)."""
+    return subprocess.Popen(_train_command(out_dir, nproc) + overrides, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -17,14 +17,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
-from ssl_distill.models.layers import (
-    FFN_LAYERS,
-    Block,
-    PatchEmbed,
-    pack_tokens,
-    selected_token_rows,
-    unpack_tokens,
-)
+from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed
+from ssl_distill.models.packing import concat_keys, pack_tokens, selected_token_rows, unpack_tokens
 
 FeatureDict = dict[str, Any]
 
@@ -100,7 +94,7 @@ class VisionTransformer(nn.Module):
             dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
-                  drop_path=dpr[i], init_values=init_values, ffn_layer=ffn_layer, attn_impl=attn_impl)
+                  drop_path=dpr[i], init_values=init_values, ffn_layer=ffn_layer, attn_impl=attn_impl, index=i)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -176,31 +170,36 @@ class VisionTransformer(nn.Module):
             x = torch.cat((x[:, :1], self.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
         return x
 
-    def _run_blocks(self, xs: list[Tensor], rows: Tensor | None = None) -> list[Tensor] | Tensor:
+    def _run_blocks(self, xs: list[Tensor], rows: Tensor | None = None,
+                    keys: list[Tensor | None] | None = None) -> list[Tensor] | Tensor:
         """All blocks over a list of token batches (one per resolution).
 
         With ``packed`` (the default) and several batches, their tokens are concatenated once into a ``(T, D)``
         matrix that every block processes in one pass (norms, linears and MLP over all tokens; attention per
         resolution); otherwise each block runs per batch. With ``grad_checkpointing`` (and autograd recording),
-        each block's activations are recomputed in the backward pass instead of stored.
+        each block's activations are recomputed in the backward pass instead of stored (the stochastic-depth
+        keys are inputs of the block, so the recomputation replays the same draws).
 
         ``rows``: token rows of the packed ``(T, D)`` matrix whose final output is wanted; the last block then
-        computes only those (:meth:`Block.forward`) and the result is ``(len(rows), D)``.
+        computes only those (:meth:`Block.forward`) and the result is ``(len(rows), D)``. ``keys``: per batch, the
+        samples' stochastic-depth keys (see :meth:`forward_train`).
         """
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.blocks) - 1
         if self.packed and len(xs) > 1:
             x, layout = pack_tokens(xs)
+            packed_keys = concat_keys(keys, len(xs))
             for i, blk in enumerate(self.blocks):
                 kwargs = {"rows": rows} if rows is not None and i == last else {}
-                x = self._call_block(blk, x, ckpt, layout=layout, **kwargs)
+                x = self._call_block(blk, x, ckpt, layout=layout, keys=packed_keys, **kwargs)
             return x if rows is not None else unpack_tokens(x, layout)
         for blk in self.blocks if rows is None else self.blocks[:last]:
-            xs = self._call_block(blk, xs, ckpt)
+            xs = self._call_block(blk, xs, ckpt, keys=keys)
         if rows is None:
             return xs
         x, layout = pack_tokens(xs)
-        return self._call_block(self.blocks[last], x, ckpt, layout=layout, rows=rows)
+        return self._call_block(self.blocks[last], x, ckpt, layout=layout, rows=rows,
+                                keys=concat_keys(keys, len(xs)))
 
     @staticmethod
     def _call_block(blk: nn.Module, x: Any, ckpt: bool, **kwargs: Any) -> Any:
@@ -221,53 +220,54 @@ class VisionTransformer(nn.Module):
         }
 
     # --------------------------------------------------------------- forward
-    def forward_features(
-        self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None,
-        select_patches: Tensor | list[Tensor | None] | None = None,
-    ) -> FeatureDict | list[FeatureDict]:
+    def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
+                         ) -> FeatureDict | list[FeatureDict]:
         """Features of a batch ``x`` ``(B, C, H, W)`` with optional bool ``masks`` ``(B, N)``.
 
         Returns a dict: ``x_norm_clstoken`` ``(B, D)``, ``x_norm_regtokens`` ``(B, R, D)``,
         ``x_norm_patchtokens`` ``(B, N, D)``, ``x_prenorm`` ``(B, 1 + R + N, D)`` and ``masks``.
-        ``x`` may be a list of batches of different resolutions (e.g. global and local crops) with a matching list
-        of masks (entries may be None); the result is then a list of dicts. Attention runs per resolution.
-
-        ``select_patches`` (training): a 1-D index tensor into the flattened ``(B * N)`` patch grid (a list, one
-        entry per batch, for list input; None entries = everything). Only the CLS tokens and those patches are
-        then computed by the last block, and the dict holds ``x_norm_clstoken`` ``(B, D)``,
-        ``x_norm_selected_patchtokens`` ``(len(index), D)`` (in index order) and ``masks``: the same values as
-        ``x_norm_patchtokens.flatten(0, 1)[index]``, with the last block's projection and MLP work cut to the
-        rows a loss reads (an empty index keeps the CLS tokens only).
+        As in the reference, ``x`` may be a list of batches of different resolutions with a matching list of masks
+        (entries may be None); the result is then a list of such dicts (:meth:`forward_features_list`).
         """
         if isinstance(x, (list, tuple)):
-            return self.forward_features_list(list(x), masks, select_patches)
+            return self.forward_features_list(list(x), masks)
         if isinstance(masks, (list, tuple)):
             raise TypeError("a list of masks needs a list of image batches; pass masks as one (B, N) tensor")
-        if select_patches is not None:
-            return self.forward_features_list([x], [masks], [select_patches])[0]
-        tokens = self._run_blocks([self.prepare_tokens_with_masks(x, masks)])[0]
-        return self._output_dict(tokens, masks)
+        return self.forward_train([x], [masks])[0]
 
-    def forward_features_list(
+    def forward_features_list(self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None
+                              ) -> list[FeatureDict]:
+        """:meth:`forward_features` for a list of batches: one feature dict per batch. Attention runs per
+        resolution; everything else runs over the tokens of all batches at once (``packed``)."""
+        return self.forward_train(x_list, masks_list)
+
+    def forward_train(
         self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None,
-        select_patches: list[Tensor | None] | None = None,
+        select_patches: list[Tensor | None] | None = None, sample_keys: list[Tensor | None] | None = None,
     ) -> list[FeatureDict]:
-        """:meth:`forward_features` for a list of batches (see there)."""
+        """The training forward over a list of crop batches: one dict per batch, as :meth:`forward_features`.
+
+        ``select_patches`` (one entry per batch; None = everything): a 1-D index tensor into the batch's flattened
+        ``(B * N)`` patch grid. Only the CLS tokens and those patches are then computed by the last block, and that
+        batch's dict holds ``x_norm_clstoken`` ``(B, D)``, ``x_norm_selected_patchtokens`` ``(len(index), D)`` (in
+        index order) and ``masks``: the values of ``x_norm_patchtokens.flatten(0, 1)[index]``, with the last
+        block's projection and MLP work cut to the rows a loss reads (an empty index keeps the CLS tokens only).
+
+        ``sample_keys`` (one entry per batch, int64 ``(B,)``): the keys of the samples' stochastic-depth draws
+        (:func:`~ssl_distill.models.stochastic_depth.sample_keys`), which make them a function of the sample
+        rather than of torch's RNG state; None draws from torch's generator.
+        """
         if masks_list is None:
             masks_list = [None] * len(x_list)
-        if not isinstance(masks_list, (list, tuple)) or len(masks_list) != len(x_list):
-            raise ValueError(
-                f"with a list of {len(x_list)} image batches, masks must be None or a list of the same length "
-                "(entries may be None)"
-            )
+        for name, value in (("masks", masks_list), ("select_patches", select_patches), ("sample_keys", sample_keys)):
+            if value is not None and (not isinstance(value, (list, tuple)) or len(value) != len(x_list)):
+                raise ValueError(f"with a list of {len(x_list)} image batches, {name} must be None or a list of the "
+                                 "same length (entries may be None)")
         xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
         if select_patches is None:
-            return [self._output_dict(x, m) for x, m in zip(self._run_blocks(xs), masks_list)]
-        if not isinstance(select_patches, (list, tuple)) or len(select_patches) != len(x_list):
-            raise ValueError(f"with a list of {len(x_list)} image batches, select_patches must be a list of the "
-                             "same length (entries may be None)")
+            return [self._output_dict(x, m) for x, m in zip(self._run_blocks(xs, keys=sample_keys), masks_list)]
         rows, counts = selected_token_rows(xs, select_patches, self.num_register_tokens)
-        out = self._run_blocks(xs, rows).split(counts)
+        out = self._run_blocks(xs, rows, sample_keys).split(counts)
         result = []
         for x_out, x_in, m, sel in zip(out, xs, masks_list, select_patches):
             if sel is None:  # everything was kept for this batch
@@ -279,11 +279,18 @@ class VisionTransformer(nn.Module):
 
     def forward(
         self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None, is_training: bool = False,
-        select_patches: Tensor | list[Tensor | None] | None = None,
+        **train_options: Any,
     ) -> Tensor | list[Tensor] | FeatureDict | list[FeatureDict]:
-        """``head(x_norm_clstoken)`` ``(B, D)`` (head is Identity), or the feature dict(s) when ``is_training``
-        (``select_patches``: see :meth:`forward_features`)."""
-        ret = self.forward_features(x, masks, select_patches)
+        """``head(x_norm_clstoken)`` ``(B, D)`` (head is Identity), or the feature dict(s) when ``is_training``.
+
+        ``train_options`` (``select_patches``, ``sample_keys``; list input and ``is_training=True`` only) go to
+        :meth:`forward_train` — through ``forward`` so that DDP / FSDP wrappers see the training call.
+        """
+        if train_options:
+            if not (is_training and isinstance(x, (list, tuple))):
+                raise TypeError(f"{sorted(train_options)} need a list of crop batches and is_training=True")
+            return self.forward_train(list(x), masks, **train_options)
+        ret = self.forward_features(x, masks)
         if is_training:
             return ret
         if isinstance(ret, list):

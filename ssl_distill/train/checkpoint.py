@@ -1,12 +1,12 @@
 """Checkpoint files: atomic save, keep-last-k, find-latest, load, and export of the teacher backbone.
 
 A checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it loads with
-``torch.load(weights_only=True)`` (RNG states are stored as tensors). Layout::
+``torch.load(weights_only=True)``. Layout::
 
     {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
-     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ...},  # full (unsharded) state dict
-     "loss_state": {...}, "optimizer": ..., "scaler": ... | None, "rng": {...},
-     "sampler_position": global sample index, "config": YAML text}
+     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
+     "optimizer": ..., "scaler": ... | None, "sampler_position": global sample index, "world_size": int,
+     "config": YAML text}
 
 Files are ``model_{iteration:07d}.pth`` in the output directory plus a ``last_checkpoint`` pointer; both are written
 atomically, and older checkpoints are pruned only after the new one is safely in place.

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ssl_distill import distributed
 from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ssl_distill.models import DINOHead, build_backbone
+from ssl_distill.models.stochastic_depth import sample_keys
 
 N_GLOBAL_CROPS = 2
 
@@ -129,8 +130,8 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
         """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens."""
-        out = self.teacher.backbone(batch["global_crops"], is_training=True,
-                                    select_patches=self._patches_read(batch))
+        out = self.teacher.backbone([batch["global_crops"]], is_training=True,
+                                    select_patches=[self._patches_read(batch)])[0]
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
         cls = torch.cat((cls[1], cls[0]))  # swapped, so student crop A meets teacher crop B
         n_cls = cls.shape[0]
@@ -167,7 +168,8 @@ class SSLMetaArch(nn.Module):
             crops.append(batch["local_crops"])
             masks.append(None)
         select = [self._patches_read(batch)] + [self._patches_read(None)] * (len(crops) - 1)
-        outs = self._student_fwd["backbone"](crops, masks=masks, is_training=True, select_patches=select)
+        outs = self._student_fwd["backbone"](crops, masks=masks, is_training=True, select_patches=select,
+                                             sample_keys=batch["drop_path_keys"][: len(crops)])
         g = outs[0]
         pieces = [g["x_norm_clstoken"]]
         if self.n_local_crops > 0:
@@ -205,7 +207,18 @@ class SSLMetaArch(nn.Module):
             "mask_indices": batch["mask_indices_list"].to(dev, non_blocking=nb),
             "masks_weight": batch["masks_weight"].to(dev, non_blocking=nb),
             "n_masked_patches": batch["n_masked_patches"].to(dev, non_blocking=nb),
+            "drop_path_keys": self._drop_path_keys(batch.get("positions")),
         }
+
+    def _drop_path_keys(self, positions: Tensor | None) -> list[Tensor | None]:
+        """Stochastic-depth keys of the global and the local crops (CPU int64, crop-major as the crops), from the
+        run's seed and each sample's global stream position: the student's draws are then the same on any number
+        of ranks and after a resume. Batches without ``positions`` (not from the trainer) draw from torch's RNG."""
+        if positions is None:
+            return [None, None]
+        seed = self.cfg.train.seed
+        return [sample_keys(seed, positions, range(N_GLOBAL_CROPS)),
+                sample_keys(seed, positions, range(N_GLOBAL_CROPS, N_GLOBAL_CROPS + self.n_local_crops))]
 
     def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (scalar with graph) and the individual losses (detached) for one batch."""

@@ -2,16 +2,15 @@
 
 The checkpoint holds the *full* (unsharded) model and optimizer state keyed by parameter names, gathered with
 ``torch.distributed.checkpoint.state_dict`` — the same public API for one process, DDP and FSDP2 — so a run may
-resume on a different number of processes or with a different sharding.
+resume on a different number of processes or with a different sharding. It holds no RNG state: every random draw
+of a step (crops, masks, stochastic depth) is a function of the seed and the sample's global stream position.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.distributed.checkpoint.state_dict import (
@@ -73,34 +72,6 @@ def wrap_for_distributed(meta: SSLMetaArch, cfg: DictConfig, device: torch.devic
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the step may touch, as tensors/ints (loadable with ``weights_only=True``)."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    random.setstate(_to_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _to_tuple(x: Any) -> Any:
-    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def gather_state(
     meta: SSLMetaArch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, iteration: int,
     global_batch: int, config_yaml: str,
@@ -115,7 +86,6 @@ def gather_state(
         "model": model,
         "optimizer": optim,
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": rng_state(),
         "sampler_position": iteration * global_batch,
         "world_size": distributed.get_world_size(),
         "config": config_yaml,
@@ -130,5 +100,3 @@ def restore_state(
     set_optimizer_state_dict(meta, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if state.get("world_size", 1) == distributed.get_world_size():
-        set_rng_state(state["rng"])  # per-rank RNG streams only carry over on the same world size

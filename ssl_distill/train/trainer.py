@@ -3,9 +3,10 @@
     trainer = Trainer(cfg, output_dir)        # builds everything, resumes from output_dir when it holds a checkpoint
     summary = trainer.run()                   # trains to cfg.optim.epochs * cfg.train.iters_per_epoch iterations
 
-Determinism: every sample's crops and masks are seeded by its global position in the sample stream, the sampler
-restarts at the exact sample, and the checkpoint holds the RNG states, so on CPU a run that is killed and resumed
-continues with bit-identical losses, and runs on 1 or N processes see the same global batches.
+Determinism: every random draw of a step — a sample's crops and masks, the student's stochastic depth — is a
+function of (seed, the sample's global position in the stream, crop, block), and the sampler restarts at the exact
+sample, so no RNG state is saved: on CPU a run that is killed and resumed continues with bit-identical losses
+(any ``train.num_workers``), and runs on 1 or N processes see the same global batches and the same draws.
 """
 
 from __future__ import annotations
