@@ -6,7 +6,9 @@ Commands import their heavy modules lazily so ``ssl-distill --help`` stays insta
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -49,23 +51,50 @@ def _setup_run_logging(output_dir: str, verbose: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ssl_distill.config import load_config
-    from ssl_distill.data import BrokenImageError
-    from ssl_distill.train.trainer import Trainer, TrainingDiverged
+    from ssl_distill.train.signals import StopOnSignals
 
     cfg = load_config(args.config_file, args.opts)
     if not cfg.train.dataset_path:
         raise UserError("train.dataset_path is empty: add train.dataset_path=/path/to/images (folder or list file).")
     _setup_run_logging(args.output_dir, args.verbose)
+    stop = StopOnSignals((signal.SIGINT, signal.SIGTERM))
+    try:
+        return _train(cfg, args, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Any, args: argparse.Namespace, stop: Any) -> int:
+    """Build and run the trainer; user mistakes and stops become one line and an exit status."""
+    from ssl_distill.data import BrokenImageError, DatasetError
+    from ssl_distill.train.checkpoint import CheckpointError, find_latest_checkpoint
+    from ssl_distill.train.run_lock import RunLockedError
+    from ssl_distill.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+
     try:
         trainer = Trainer(cfg, args.output_dir, resume=not args.no_resume)
+        stop.attach(trainer)
         if getattr(args, "on_trainer", None) is not None:
             args.on_trainer(trainer)  # the Slurm launcher installs its stop-on-preemption hook here
         summary = trainer.run()
-    except (FileNotFoundError, BrokenImageError) as exc:
+    except (FileNotFoundError, BrokenImageError, DatasetError, CheckpointError, RunLockedError) as exc:
         raise UserError(str(exc)) from None
     except TrainingDiverged as exc:
         print(f"ssl-distill train: training diverged: {exc}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:
+        if exc.reason and exc.reason != stop.signal_name:
+            raise  # asked for by someone else first (Slurm's preemption signal): its launcher requeues
+        by = stop.signal_name or "a signal to another rank"
+        print(f"ssl-distill train: stopped by {by} at iteration {exc.iteration}; saved {exc.checkpoint}. Run the "
+              "same command again to resume from it.", file=sys.stderr)
+        return 128 + (stop.received or signal.SIGTERM)
+    except KeyboardInterrupt:
+        latest = find_latest_checkpoint(args.output_dir)
+        print("ssl-distill train: interrupted; exited at once without saving the current iteration. "
+              + (f"Run the same command again to resume from {latest}." if latest else "No checkpoint was written."),
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     logger.info("done: %s", summary)
     return 0
 
@@ -343,6 +372,30 @@ def main(argv: Sequence[str] | None = None, on_trainer: Callable[[Any], None] | 
     except (ConfigError, UserError) as exc:
         print(f"ssl-distill {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in _USER_FILE_ERRNOS or args.verbose:
+            raise  # a bug, or asked for the details (-v): the traceback
+        print(f"ssl-distill {args.command}: error: {describe_file_error(exc)}", file=sys.stderr)
+        return 2
+
+
+_USER_FILE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                     errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def describe_file_error(exc: OSError) -> str:
+    """One line for a file-system error a user can fix: what, where, and what to do."""
+    where = f" '{exc.filename}'" if exc.filename else ""
+    advice = {
+        errno.EACCES: "check the permissions of that path or choose one you can write to (e.g. another --output-dir)",
+        errno.EPERM: "check the permissions of that path or choose one you can write to (e.g. another --output-dir)",
+        errno.EROFS: "that file system is read-only; choose a writable location (e.g. another --output-dir)",
+        errno.ENOSPC: "the disk is full; free space or choose another location (finished files were kept)",
+        errno.EDQUOT: "the disk quota is exhausted; free space or choose another location",
+        errno.ENOTDIR: "a part of that path is a file, not a directory; choose another path",
+        errno.EISDIR: "that path is a directory where a file was expected; give a file path",
+    }.get(exc.errno, "check the path")
+    return f"{exc.strerror or exc}:{where}; {advice}."
 
 
 if __name__ == "__main__":

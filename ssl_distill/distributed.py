@@ -56,6 +56,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (alone: ``obj``)."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no-op alone). Returns ``tensor`` for chaining."""
     if is_enabled() and get_world_size() > 1:

@@ -18,7 +18,8 @@ from typing import IO
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open a temp file beside ``path``; on a clean exit fsync it and rename it over ``path``.
 
-    On an exception the temp file is removed and ``path`` is left as it was.
+    On an exception the temp file is removed and ``path`` is left as it was. The file gets the mode ``open()``
+    would give a new file (``0o666`` minus the umask), so colleagues can read checkpoints on a shared cluster.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open supports modes 'w' and 'wb', not {mode!r}")
@@ -26,6 +27,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a file should get what open() would give
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
             yield f
             f.flush()
@@ -35,6 +37,20 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, but only around a file creation)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

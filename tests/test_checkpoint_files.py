@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
+from ssl_distill.fileio import atomic_write_text
 from ssl_distill.train.checkpoint import (
+    CheckpointError,
     export_backbone,
     find_latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_intact,
     save_checkpoint,
 )
 
@@ -60,7 +66,7 @@ def test_load_rejects_foreign_and_broken_files(tmp_path):
         load_checkpoint(foreign)
     broken = tmp_path / "model_0000001.pth"
     broken.write_bytes(b"not a zip file")
-    with pytest.raises(ValueError, match="Cannot read checkpoint"):
+    with pytest.raises(ValueError, match="cannot read weights file.*is it a complete PyTorch"):
         load_checkpoint(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pth")
@@ -71,3 +77,70 @@ def test_export_backbone_strips_prefix(tmp_path):
     out = export_backbone(ckpt, tmp_path / "teacher_backbone.pth")
     weights = torch.load(out, weights_only=True)
     assert list(weights) == ["cls_token"] and weights["cls_token"][0, 0, 0] == 5
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+    for it in (2, 4, 6):
+        save_checkpoint(tmp_path, _state(it), keep_last=0)
+    good = (tmp_path / "model_0000006.pth").read_bytes()
+    (tmp_path / "model_0000006.pth").write_bytes(good[: len(good) // 2])  # truncated by a full disk / a kill -9
+    with caplog.at_level("WARNING"):
+        path, state = load_latest_intact(tmp_path)
+    assert path.name == "model_0000004.pth" and state["iteration"] == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "model_0000006.pth" in warnings[0] and "model_0000006.pth.damaged" in warnings[0]
+    # never deleted: kept aside, out of the pruning and of the next resume (which no longer warns)
+    assert (tmp_path / "model_0000006.pth.damaged").read_bytes() == good[: len(good) // 2]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["model_0000002.pth", "model_0000004.pth"]
+    caplog.clear()
+    assert load_latest_intact(tmp_path)[0].name == "model_0000004.pth" and not caplog.records
+
+
+@pytest.mark.parametrize("pointer", [b"\x00\x9f\x92\x96garbage\xff", b"config.yaml\n", b"model_0000009.pth\n"])
+def test_unusable_last_checkpoint_pointer_is_ignored(tmp_path, pointer, caplog):
+    for it in (2, 4):
+        save_checkpoint(tmp_path, _state(it), keep_last=0)
+    (tmp_path / "config.yaml").write_text("optim:\n  epochs: 1\n")
+    (tmp_path / "last_checkpoint").write_bytes(pointer)
+    with caplog.at_level("WARNING"):
+        path, state = load_latest_intact(tmp_path)
+    assert path.name == "model_0000004.pth" and state["iteration"] == 4
+    assert (tmp_path / "config.yaml").read_text() == "optim:\n  epochs: 1\n"  # a user's file is never renamed
+    if pointer != b"model_0000009.pth\n":  # a missing file is simply not a candidate
+        assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1
+
+
+def test_no_intact_checkpoint_and_a_pointer_outside_are_clear_errors(tmp_path):
+    assert load_latest_intact(tmp_path) is None  # a fresh directory: nothing to resume
+    for it in (2, 4):
+        save_checkpoint(tmp_path, _state(it), keep_last=0)
+    (tmp_path / "last_checkpoint").write_text(str(tmp_path.parent / "elsewhere" / "model_0000004.pth"))
+    with pytest.raises(CheckpointError, match="outside the output directory.*delete last_checkpoint"):
+        load_latest_intact(tmp_path)
+    (tmp_path / "last_checkpoint").write_text("../model_0000004.pth")
+    with pytest.raises(CheckpointError, match="outside the output directory"):
+        load_latest_intact(tmp_path)
+    (tmp_path / "last_checkpoint").unlink()
+    for p in list_checkpoints(tmp_path):
+        p.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint.*model_0000004.pth.damaged, "
+                                              r"model_0000002.pth.damaged.*--no-resume"):
+        load_latest_intact(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_0000002.pth.damaged", "model_0000004.pth.damaged"]
+
+
+def test_files_get_the_mode_open_would_give(tmp_path):
+    old = os.umask(0o027)
+    try:
+        ckpt = save_checkpoint(tmp_path, _state(1))
+        text = atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    finally:
+        os.umask(old)
+    for path in (ckpt, text, tmp_path / "last_checkpoint"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    old = os.umask(0o022)
+    try:
+        exported = export_backbone(ckpt, tmp_path / "teacher_backbone.pth")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o644

@@ -321,3 +321,68 @@ def test_16_bit_png_is_scaled_not_clipped(tmp_path):
     expected = [round(v / 257) for v in [0, 257 * 128, 65535, 1000]]  # 0, 128, 255, 4
     assert img.mode == "RGB"
     assert np.asarray(img)[0].tolist() == [[e, e, e] for e in expected]
+
+
+def test_float_and_32_bit_images_are_scaled_or_refused(tmp_path, caplog):
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 0.25]], dtype=np.float32), mode="F").save(good / "float.tiff")
+    Image.fromarray(np.array([[0, 257 * 128, 65535, 1000]], dtype=np.int32), mode="I").save(good / "int32.tiff")
+    for name in ("float.tiff", "int32.tiff"):
+        with Image.open(good / name) as raw:
+            assert raw.mode in ("F", "I"), (name, raw.mode)  # really float / 32-bit files
+    ds = build_image_dataset(good, bad_image_policy="error")
+    got = {Path(p).name: np.asarray(ds[i][0])[0, :, 0].tolist() for i, (p, _) in enumerate(ds.samples)}
+    assert got["float.tiff"] == [0, 128, 255, 64]  # v * 255, rounded
+    assert got["int32.tiff"] == [0, 128, 255, 4]  # v / 257, as 16-bit
+    Image.fromarray(np.array([[0.0, 3.5]], dtype=np.float32), mode="F").save(bad / "float.tiff")
+    Image.fromarray(np.array([[0, 1_000_000]], dtype=np.int32), mode="I").save(bad / "int32.tiff")
+    strict = build_image_dataset(bad, bad_image_policy="error")
+    with pytest.raises(BrokenImageError, match=r"floating-point greyscale image .* values in \[0, 3.5\].*0\.\.1"):
+        strict[0]
+    with pytest.raises(BrokenImageError, match=r"32-bit greyscale image .* values in \[0, 1e\+06\]"):
+        strict[1]
+    write_png(bad / "z_ok.png", 9)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        img, _ = build_image_dataset(bad, bad_image_policy="skip")[0]  # both refused, replaced by the PNG
+    assert red(img) == 9 and sum("greyscale image" in r.getMessage() for r in caplog.records) == 2
+
+
+_NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+           "-dac_override,-dac_read_search"]
+_SCAN = """
+import logging, sys
+from ssl_distill.data.datasets import BrokenImageError, build_image_dataset
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+try:
+    ds = build_image_dataset(sys.argv[1], bad_image_policy=sys.argv[2])
+    print("OK", len(ds), ds.classes)
+except BrokenImageError as exc:
+    print("ERROR", exc)
+"""
+
+
+def test_unreadable_class_folder_is_reported_like_a_broken_image(tmp_path):
+    """A class folder the user cannot list is not skipped silently: one warning counting it under ``skip``,
+    a clear error under ``error``. Run in a subprocess without the permission-override capabilities, because
+    root (as in CI) reads every folder."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "tree"
+    for c in ("cat", "dog", "eel"):
+        for i in range(2):
+            write_png(root / c / f"{i}.png", 10 * i)
+    locked = root / "eel"
+    locked.chmod(0)
+    prefix = _NO_DAC if os.geteuid() == 0 else []
+    try:
+        runs = {policy: subprocess.run([*prefix, sys.executable, "-c", _SCAN, str(root), policy],
+                                       capture_output=True, text=True, timeout=120) for policy in ("skip", "error")}
+    finally:
+        locked.chmod(0o755)
+    skip, error = runs["skip"], runs["error"]
+    assert "OK 4 ['cat', 'dog']" in skip.stdout, skip.stdout + skip.stderr
+    assert "1 folder(s) under" in skip.stderr and "eel (Permission denied)" in skip.stderr
+    assert "ERROR cannot read 1 folder(s)" in error.stdout and "bad_image_policy=skip" in error.stdout, error.stdout

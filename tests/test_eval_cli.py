@@ -77,6 +77,14 @@ def test_bad_inputs_give_one_line(tmp_path, digits_dirs, capsys):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"\x00garbage")
     assert "cannot read weights file" in _error(capsys, ["eval-linear", *_common(digits_dirs, tmp_path, str(junk))])
+    odd_size = [*args, "--image-size", "30"]  # the tiny config's patch size is 8
+    for command in ("eval-knn", "eval-linear"):
+        assert "--image-size 30 is not a multiple of the model's patch size 8; use 24 or 32" in _error(
+            capsys, [command, *odd_size])
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    line = _error(capsys, ["eval-knn", *[a if a != str(tmp_path / "o") else str(blocked / "out") for a in args]])
+    assert "Not a directory" in line and "a part of that path is a file" in line
 
 
 def test_val_labels_follow_train_classes(tmp_path, digits_dirs):

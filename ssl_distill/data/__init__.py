@@ -2,7 +2,7 @@
 
 from .augment import MultiCropAugmentation
 from .collate import MaskingCollator, collate_data_and_cast
-from .datasets import IMG_EXTENSIONS, BrokenImageError, ImageDataset, build_image_dataset
+from .datasets import IMG_EXTENSIONS, BrokenImageError, DatasetError, ImageDataset, build_image_dataset
 from .masking import BlockMaskGenerator, MaskingGenerator
 from .sample_images import SAMPLE_PHOTO_NAMES, sample_photos
 from .samplers import InfiniteSampler
@@ -10,6 +10,7 @@ from .samplers import InfiniteSampler
 __all__ = [
     "IMG_EXTENSIONS",
     "BrokenImageError",
+    "DatasetError",
     "ImageDataset",
     "InfiniteSampler",
     "build_image_dataset",

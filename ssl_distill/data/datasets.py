@@ -37,11 +37,19 @@ BAD_IMAGE_POLICIES: tuple[str, ...] = ("skip", "error")
 MAX_SUBSTITUTE_TRIES = 64
 UNLABELLED = -1
 
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 class BrokenImageError(ValueError):
-    """An image file could not be decoded (and the policy says not to skip it)."""
+    """An image file (or a folder of them) could not be read, and the policy says not to skip it."""
+
+
+class DatasetError(ValueError):
+    """A dataset path that cannot be used as given (a single image, a binary list file, a wrong layout)."""
+
+
+class UnsupportedImageError(ValueError):
+    """An image that decodes but whose pixel values have no 8-bit meaning we could infer."""
 
 
 def _check_policy(policy: str) -> None:
@@ -77,19 +85,37 @@ def _strict_truncation() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def _scaled_grey(img: Image.Image) -> Image.Image:
+    """8-bit RGB from a 16-bit, 32-bit integer or float greyscale image (see :func:`to_rgb`)."""
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        low, high, scale, kind = 0.0, 1.0, 255.0, "floating-point"
+    else:
+        low, high, scale, kind = 0.0, 65535.0, 1.0 / 257.0, "16-bit" if img.mode in _SIXTEEN_BIT_MODES else "32-bit"
+    lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if values.size else (0.0, 0.0)
+    if not (np.isfinite(values).all() and low <= lo and hi <= high):
+        raise UnsupportedImageError(
+            f"{kind} greyscale image (mode {img.mode}) with values in [{lo:g}, {hi:g}]: only [{low:g}, {high:g}] "
+            "has a known 8-bit meaning (floats: 0..1; integers: 16-bit 0..65535). Convert such images to 8- or "
+            "16-bit, or to floats in 0..1, before training."
+        )
+    return Image.fromarray(np.rint(values * scale).astype(np.uint8)).convert("RGB")
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit ``RGB``.
 
     Alpha is dropped (as torchvision's loader does); palette images with transparency go through RGBA so
-    PIL does not warn; 16-bit greyscale (``I;16*``, ``I``) is scaled ``v / 257`` (65535 -> 255) instead of
-    PIL's clipping at 255, which would turn most of a 16-bit image white. CMYK, LA, L, 1, P, YCbCr: PIL.
+    PIL does not warn. Greyscale beyond 8 bits is scaled instead of PIL's clipping at 255 (which turns a 16-bit
+    image white and a float image black): 16-bit (``I;16*``) and 32-bit integers (``I``) as ``v / 257``
+    (65535 -> 255), floats (``F``) as ``v * 255`` (1.0 -> 255); a 32-bit image with values above 65535 or a float
+    image outside [0, 1] raises :class:`UnsupportedImageError` (a broken file under the policy) rather than being
+    guessed at. CMYK, LA, L, 1, P, YCbCr: PIL.
     """
     if img.mode == "RGB":
         return img
-    if img.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(img, dtype=np.float64)
-        grey = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
+    if img.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        return _scaled_grey(img)
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -214,15 +240,18 @@ class ImageDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------- discovery
 
 
-def _walk_images(root: Path) -> tuple[list[tuple[str, ...]], list[str]]:
+def _walk_images(root: Path, policy: str = "skip") -> tuple[list[tuple[str, ...]], list[str]]:
     """Relative path parts of every non-hidden image file under ``root`` (sorted), and a few non-images.
 
-    Follows symlinked folders (datasets are often assembled from links) but never visits one twice.
+    Follows symlinked folders (datasets are often assembled from links) but never visits one twice. A folder
+    that cannot be listed (permissions, I/O error) is handled like a broken image: under ``policy="error"``
+    :class:`BrokenImageError` names it; under ``"skip"`` it is left out with one warning that counts them all.
     """
     images: list[tuple[str, ...]] = []
     others: list[str] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -237,8 +266,22 @@ def _walk_images(root: Path) -> tuple[list[tuple[str, ...]], list[str]]:
                 images.append((*rel, name))
             elif len(others) < 3:
                 others.append(os.path.join(*rel, name))
+    _report_unreadable_folders(root, unreadable, policy)
     images.sort()
     return images, others
+
+
+def _report_unreadable_folders(root: Path, errors: list[OSError], policy: str) -> None:
+    if not errors:
+        return
+    names = [f"{e.filename} ({e.strerror})" for e in errors]
+    if policy == "error":
+        raise BrokenImageError(
+            f"cannot read {len(errors)} folder(s) under {str(root)!r}: {names[:5]}. Fix their permissions, or set "
+            "bad_image_policy=skip (train.bad_image_policy / --bad-image-policy) to leave them out."
+        )
+    logger.warning("%d folder(s) under %s cannot be read and are left out (bad_image_policy=skip): %s",
+                   len(errors), root, names[:5])
 
 
 def _no_images_error(where: str, others: list[str]) -> FileNotFoundError:
@@ -250,9 +293,9 @@ def _no_images_error(where: str, others: list[str]) -> FileNotFoundError:
     )
 
 
-def _scan_folder(root: Path, labelled: bool | None) -> tuple[list[tuple[str, int]], list[str]]:
+def _scan_folder(root: Path, labelled: bool | None, policy: str) -> tuple[list[tuple[str, int]], list[str]]:
     """Samples and classes for a folder; see :func:`build_image_dataset` for the layout rule."""
-    images, others = _walk_images(root)
+    images, others = _walk_images(root, policy)
     if not images:
         raise _no_images_error(f"folder {str(root)!r}", others)
     at_root = [parts[0] for parts in images if len(parts) == 1]
@@ -263,7 +306,7 @@ def _scan_folder(root: Path, labelled: bool | None) -> tuple[list[tuple[str, int
             "%s: %d images, read as a %s (pass labelled=True/False to override).", root, len(images), layout
         )
     elif labelled and at_root:
-        raise ValueError(
+        raise DatasetError(
             f"labelled=True but {str(root)!r} holds images directly (e.g. {at_root[:3]}); a class-folder "
             "tree keeps every image inside a class sub-folder; move them into one, or use labelled=False."
         )
@@ -279,7 +322,7 @@ def _read_list_file(list_file: Path) -> list[tuple[str, int]]:
     try:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise DatasetError(
             f"{str(list_file)!r} is neither a folder, an image nor a UTF-8 text list of image paths ({err}); "
             "point train.dataset_path at a folder of images or a text file with one image path per line."
         ) from err
@@ -343,15 +386,15 @@ def build_image_dataset(
             "class-folder tree or a text file listing image paths."
         )
     if root.is_dir():
-        samples, classes = _scan_folder(root, labelled)
+        samples, classes = _scan_folder(root, labelled, bad_image_policy)
     elif is_image_file(root.name):
-        raise ValueError(
+        raise DatasetError(
             f"dataset path {str(root)!r} is a single image; pass the folder that holds the images, or a text "
             "file listing image paths."
         )
     else:
         if labelled:
-            raise ValueError(f"labelled=True needs a class-folder tree, but {str(root)!r} is a list file")
+            raise DatasetError(f"labelled=True needs a class-folder tree, but {str(root)!r} is a list file")
         samples, classes = _read_list_file(root), []
     return ImageDataset(
         samples,

@@ -99,6 +99,11 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
         model, info = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts, seed=args.seed)
     except WeightsError as err:
         raise EvalInputError(str(err)) from None
+    if args.image_size % model.patch_size:
+        p = model.patch_size
+        lower, upper = args.image_size // p * p, (args.image_size // p + 1) * p
+        raise EvalInputError(f"--image-size {args.image_size} is not a multiple of the model's patch size {p}; use "
+                             f"{lower or upper} or {upper}.")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.autocast]
     return model.to(device), info, device, dtype
 

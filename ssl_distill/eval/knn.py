@@ -13,6 +13,7 @@ summed, so the result equals the single-process one.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from torch import Tensor
 
 from ssl_distill.distributed import all_reduce_sum, get_rank, get_world_size
 from ssl_distill.eval.features import extract_features, shard_range
+
+logger = logging.getLogger(__name__)
 
 
 def topk_neighbours(
@@ -177,24 +180,35 @@ def knn_few_shot(
     """k-NN accuracy for every ``n_per_class`` (-1 = the full train set) and ``k``, averaged over ``n_tries`` draws.
 
     Returns ``{"all" | "<n>-shot": {"k=<k>": {"top1", "top1_std", ["top5", "top5_std"]}}}`` (percent; std over
-    tries, 0 for one try). Try ``t`` draws its subset with seed ``t``.
+    tries, 0 for one try). Try ``t`` draws its subset with seed ``t``. A ``k`` larger than the (subset's) train set
+    is reported under the ``k`` actually used, the train set's size, with ``"k_requested"``, and warned about.
     """
     num_classes = int(train_labels.max()) + 1
     out: dict[str, dict[str, dict[str, float]]] = {}
     for n in n_per_class_list:
         tries = 1 if n < 0 else n_tries
-        runs = []
-        for t in range(tries):
-            idx = few_shot_indices(train_labels, n, seed=t)
-            runs.append(knn_accuracy(train_features[idx], train_labels[idx], test_features, test_labels, ks,
-                                     temperature, num_classes, train_chunk=train_chunk))
+        subsets = [few_shot_indices(train_labels, n, seed=t) for t in range(tries)]
+        used = _usable_ks(ks, min(len(idx) for idx in subsets), "all" if n < 0 else f"{n}-shot")
+        runs = [knn_accuracy(train_features[idx], train_labels[idx], test_features, test_labels, sorted(set(used)),
+                             temperature, num_classes, train_chunk=train_chunk) for idx in subsets]
         per_k: dict[str, dict[str, float]] = {}
-        for k in ks:
+        for k, k_used in zip(ks, used):
             entry: dict[str, float] = {}
-            for metric in runs[0][k]:
-                values = torch.tensor([r[k][metric] for r in runs], dtype=torch.float64)
+            for metric in runs[0][k_used]:
+                values = torch.tensor([r[k_used][metric] for r in runs], dtype=torch.float64)
                 entry[metric] = float(values.mean())
                 entry[f"{metric}_std"] = float(values.std(unbiased=False))
-            per_k[f"k={k}"] = entry
+            if k_used != k:
+                entry["k_requested"] = k
+            per_k[f"k={k_used}"] = entry
         out["all" if n < 0 else f"{n}-shot"] = per_k
     return out
+
+
+def _usable_ks(ks: Sequence[int], n_train: int, what: str) -> list[int]:
+    """Each ``k`` capped at the number of train samples, with one warning per capped ``k``."""
+    for k in ks:
+        if k > n_train:
+            logger.warning("k-NN (%s): k=%d is larger than the %d train samples; reporting it as k=%d", what, k,
+                           n_train, n_train)
+    return [min(k, n_train) for k in ks]

@@ -154,37 +154,6 @@ def executor_parameters(args: argparse.Namespace, environ: Mapping[str, str] | N
     return {k: v for k, v in params.items() if v is not None}
 
 
-class _StopOnSignal:
-    """Turns submitit's preemption/timeout signal into ``Trainer.request_stop()``, and requeues after the save.
-
-    submitit's handler (kept in ``requeue_handler``) checkpoints and requeues *immediately*; we defer it until the
-    trainer has saved the current iteration.
-    """
-
-    def __init__(self) -> None:
-        import submitit
-
-        self.signum = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-        self.requeue_handler = signal.getsignal(self.signum)
-        self.trainer: Any = None
-        self.received = False
-        signal.signal(self.signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = True
-        if self.trainer is not None:
-            self.trainer.request_stop()
-
-    def attach(self, trainer: Any) -> None:
-        """Called with the Trainer before it runs (a signal that came during start-up stops it at once)."""
-        self.trainer = trainer
-        if self.received:
-            trainer.request_stop()
-
-    def restore(self) -> None:
-        signal.signal(self.signum, self.requeue_handler)
-
-
 @dataclass
 class SlurmCommand:
     """What submitit pickles and every task runs: ``ssl-distill <command> <args>``, requeueable.
@@ -213,18 +182,25 @@ class SlurmCommand:
         return code
 
     def _train(self) -> int:
+        import submitit
+
         from ssl_distill import cli, distributed
+        from ssl_distill.train.signals import StopOnSignals
         from ssl_distill.train.trainer import TrainingInterrupted
 
-        stop = _StopOnSignal()
+        # submitit's handler for its preemption / time-limit signal checkpoints and requeues *immediately*; we
+        # defer it (kept in ``requeue_handler``) until the trainer has saved the current iteration.
+        signum = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        stop = StopOnSignals((signum,))
+        requeue_handler = stop.previous.get(signum)
         try:
             return cli.main(["train", *self.args], on_trainer=stop.attach)
         except TrainingInterrupted as exc:
             logger.warning("%s; handing over to submitit to requeue", exc)
             stop.restore()
-            if not callable(stop.requeue_handler) or self.requeues >= self.max_requeues:
+            if not callable(requeue_handler) or self.requeues >= self.max_requeues:
                 raise  # not under submitit, or out of requeues: every rank ends with the same error
-            stop.requeue_handler(stop.signum, None)  # rank 0: checkpoint() -> requeue -> exit; others return
+            requeue_handler(signum, None)  # rank 0: checkpoint() -> requeue -> exit; others return
             if distributed.detect_environment().rank == 0:
                 raise  # submitit declined to requeue without raising: end as interrupted
             _wait_to_be_requeued()

@@ -1,14 +1,7 @@
-"""Checkpoint files: atomic save, keep-last-k, find-latest, load, and export of the teacher backbone.
+"""Checkpoint policy: atomic save, keep-last-k, the newest intact checkpoint to resume from, export.
 
-A checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it loads with
-``torch.load(weights_only=True)``. Layout::
-
-    {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
-     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
-     "optimizer": ..., "scaler": ... | None, "sampler_position": global sample index, "world_size": int,
-     "config": YAML text}
-
-Files are ``model_{iteration:07d}.pth`` in the output directory plus a ``last_checkpoint`` pointer; both are written
+The file format (keys, reading, ``extract_backbone``) lives in :mod:`ssl_distill.checkpoint_format`. Files are
+``model_{iteration:07d}.pth`` in the output directory plus a ``last_checkpoint`` pointer; both are written
 atomically, and older checkpoints are pruned only after the new one is safely in place.
 """
 
@@ -22,13 +15,15 @@ from typing import Any
 
 import torch
 
+from ssl_distill.checkpoint_format import CHECKPOINT_FORMAT, extract_backbone, load_checkpoint
 from ssl_distill.fileio import atomic_open, atomic_write_text
 
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "export_backbone", "extract_backbone", "find_latest_checkpoint",
+           "list_checkpoints", "load_checkpoint", "load_latest_intact", "save_checkpoint"]
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_FORMAT = "ssl_distill.checkpoint"
 _NAME_RE = re.compile(r"^model_(\d{7,})\.pth$")
 POINTER = "last_checkpoint"
+DAMAGED_SUFFIX = ".damaged"
 
 
 def checkpoint_path(output_dir: str | os.PathLike, iteration: int) -> Path:
@@ -59,42 +54,75 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_l
     return path
 
 
+class CheckpointError(RuntimeError):
+    """A resume that cannot go on (no intact checkpoint, a pointer outside the run); the message says what to do."""
+
+
+def _pointer_target(output_dir: Path) -> Path | None:
+    """The file ``last_checkpoint`` names, or None (no pointer, or one that is unreadable: warned about).
+
+    Raises :class:`CheckpointError` when it names a file outside ``output_dir``: a run resumes only from itself.
+    """
+    pointer = output_dir / POINTER
+    if not pointer.is_file():
+        return None
+    try:
+        text = pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("ignoring %s: it does not hold a file name (%s)", pointer, type(exc).__name__)
+        return None
+    if not text or "\n" in text or "\x00" in text:
+        logger.warning("ignoring %s: it does not hold a file name", pointer)
+        return None
+    target = Path(text) if os.path.isabs(text) else output_dir / text
+    if target.resolve().parent != output_dir.resolve():
+        raise CheckpointError(
+            f"{pointer} points to '{text}', outside the output directory {output_dir}. A run resumes only from the "
+            f"checkpoints of its own directory: copy that checkpoint into {output_dir} and write its file name into "
+            f"{pointer.name}, or delete {pointer.name} to resume from the newest model_*.pth there."
+        )
+    return target
+
+
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by ``last_checkpoint``, else the highest-numbered one, else None."""
+    """The checkpoint named by ``last_checkpoint``, else the highest-numbered one, else None (nothing is read)."""
     d = Path(output_dir)
-    pointer = d / POINTER
-    if pointer.is_file():
-        candidate = d / pointer.read_text().strip()
-        if candidate.is_file():
-            return candidate
+    candidate = _pointer_target(d)
+    if candidate is not None and candidate.is_file():
+        return candidate
     found = list_checkpoints(d)
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our training checkpoints (weights_only) and check that it is one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"Cannot read checkpoint '{path}' ({type(exc).__name__}: {exc}). Is it complete?") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"'{path}' is not an ssl_distill training checkpoint. For backbone weights (exported or official "
-            "DINOv2 files) load them with ssl_distill.hub instead."
+def load_latest_intact(output_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of ``output_dir`` that reads back, and its state; None when there is none at all.
+
+    Tries the file ``last_checkpoint`` names, then every ``model_*.pth`` from the newest down. A file that does not
+    read back (truncated, garbage, not a checkpoint) is warned about and renamed ``<name>.damaged`` — kept for
+    inspection, never deleted, no longer pruned or tried again — and the next one is tried. When checkpoints exist
+    but none is intact, raises :class:`CheckpointError` naming them and the fix.
+    """
+    d = Path(output_dir)
+    pointed = _pointer_target(d)
+    candidates = ([pointed] if pointed is not None and pointed.is_file() else [])
+    candidates += [p for p in reversed(list_checkpoints(d)) if p not in candidates]
+    damaged: list[str] = []
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path)
+        except (ValueError, OSError) as exc:
+            kept = path
+            if _NAME_RE.match(path.name):
+                kept = path.with_name(path.name + DAMAGED_SUFFIX)
+                os.replace(path, kept)
+            logger.warning("cannot resume from %s (%s); kept it as %s and trying an older checkpoint", path, exc, kept)
+            damaged.append(kept.name)
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint in {d}: {', '.join(damaged)} cannot be read (they were left in place). Restore a "
+            "good copy of a checkpoint into the directory, or start over with --no-resume (or another --output-dir)."
         )
-    return state
-
-
-def extract_backbone(state: dict[str, Any], which: str = "teacher") -> dict[str, torch.Tensor]:
-    """The ``which`` backbone's weights in the official DINOv2 key layout."""
-    prefix = f"{which}.backbone."
-    out = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
-    if not out:
-        raise ValueError(f"The checkpoint holds no '{which}' backbone (keys starting with '{prefix}').")
-    return out
+    return None
 
 
 def export_backbone(checkpoint: str | os.PathLike, output: str | os.PathLike, which: str = "teacher") -> Path:

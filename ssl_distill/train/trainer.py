@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ssl_distill.train.meta_arch import SSLMetaArch, backbone_kwargs
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
+from ssl_distill.train.run_lock import RunLock, RunLockedError
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.state import (
     gather_state,
@@ -49,11 +51,33 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """A stop was requested (preemption / time limit); a checkpoint of the current iteration was saved."""
+    """A stop was requested (a signal: preemption, time limit, SIGTERM, Ctrl-C); a checkpoint of the current
+    iteration was saved. ``reason``: what asked for the stop first (e.g. ``"SIGTERM"``)."""
 
-    def __init__(self, iteration: int, checkpoint: Path | None) -> None:
-        super().__init__(f"stopped at iteration {iteration}; checkpoint {checkpoint}")
-        self.iteration, self.checkpoint = iteration, checkpoint
+    def __init__(self, iteration: int, checkpoint: Path | None, reason: str = "") -> None:
+        super().__init__(f"stopped at iteration {iteration} ({reason or 'stop requested'}); checkpoint {checkpoint}")
+        self.iteration, self.checkpoint, self.reason = iteration, checkpoint, reason
+
+
+def _take_run_lock(output_dir: Path) -> RunLock | None:
+    """Rank 0 locks ``output_dir`` for this run; a refusal is raised on every rank."""
+    lock, refusal = None, None
+    if distributed.is_main_process():
+        try:
+            lock = RunLock(output_dir).acquire()
+        except RunLockedError as exc:
+            refusal = str(exc)
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise RunLockedError(refusal)
+    return lock
+
+
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which stops after a checkpoint (a worker
+    that died of the terminal's SIGINT would break the loader in the middle of that)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_loader(cfg: DictConfig, start_position: int, pin_memory: bool) -> torch.utils.data.DataLoader:
@@ -81,6 +105,7 @@ def build_train_loader(cfg: DictConfig, start_position: int, pin_memory: bool) -
         SeededMultiCropDataset(dataset, augmentation, cfg.train.seed), batch_size=cfg.train.batch_size_per_gpu,
         sampler=sampler, num_workers=workers, collate_fn=collator, pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
+        worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
     )
 
 
@@ -91,13 +116,22 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.env = distributed.init_distributed()
         self.world = distributed.get_world_size()
+        self._lock = _take_run_lock(self.output_dir)
+        try:
+            self._build(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg: DictConfig, resume: bool) -> None:
         self.device = resolve_device(cfg, self.env.local_rank)
         apply_scaling_rules(cfg, self.world)
         cfg.train.output_dir = str(self.output_dir)
         self.cfg = cfg
         self.total_iters = cfg.optim.epochs * cfg.train.iters_per_epoch
         self.global_batch = cfg.train.batch_size_per_gpu * self.world
-        self.stop_requested = False  # set by request_stop() (Slurm preemption / time-limit signal handlers)
+        self.stop_requested = False  # set by request_stop() (signal handlers: train.signals.StopOnSignals)
+        self.stop_reason = ""
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.meta = SSLMetaArch(cfg).to(self.device)
         self.meta.autocast_dtype = resolve_precision(cfg, self.device)
@@ -109,18 +143,21 @@ class Trainer:
         self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
         self.schedules = build_schedules(cfg)
         self.monitor = KnnMonitor(cfg, backbone_kwargs(cfg, student=False)) if KnnMonitor.enabled(cfg) else None
+        self.last_checkpoint: Path | None = None
         self.start_iter = self._maybe_resume(resume)
-        self.last_checkpoint = ckpt.find_latest_checkpoint(self.output_dir)
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
             save_config(cfg, self.output_dir / "config.yaml")
 
-    def request_stop(self) -> None:
-        """Ask the loop to checkpoint the current iteration and raise :class:`TrainingInterrupted`.
+    def request_stop(self, reason: str = "") -> None:
+        """Ask the loop to checkpoint the current iteration and raise :class:`TrainingInterrupted` (``reason``, e.g.
+        the signal's name, is passed on; the first request's reason wins).
 
         Safe to call from a signal handler. Ranks may receive their signals at different iterations; they agree
         (all-reduce) at the next iteration boundary, so every rank stops at the same iteration.
         """
+        if not self.stop_requested:
+            self.stop_reason = reason
         self.stop_requested = True
 
     def _stop_agreed(self) -> bool:
@@ -129,13 +166,34 @@ class Trainer:
             flag = flag.to(self.device)
         return bool(distributed.all_reduce_sum(flag).item() > 0)
 
+    def close(self) -> None:
+        """Release the output directory's run lock (done by :meth:`run` on any exit)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def _maybe_resume(self, resume: bool) -> int:
-        latest = ckpt.find_latest_checkpoint(self.output_dir) if resume else None
-        if latest is None:
+        """Restore the newest intact checkpoint of the output directory (rank 0 chooses, every rank loads it)."""
+        if not resume:
             return 0
-        state = ckpt.load_checkpoint(latest)
+        choice: tuple[str, str | None] = ("ok", None)
+        found = None
+        if distributed.is_main_process():
+            try:
+                found = ckpt.load_latest_intact(self.output_dir)
+                choice = ("ok", found[0].name if found else None)
+            except ckpt.CheckpointError as exc:
+                choice = ("error", str(exc))
+        status, value = distributed.broadcast_object(choice)
+        if status == "error":
+            raise ckpt.CheckpointError(value)
+        if value is None:
+            return 0
+        path = self.output_dir / value
+        state = found[1] if found is not None else ckpt.load_checkpoint(path)
         restore_state(self.meta, self.optimizer, self.scaler, state)
-        logger.info("resumed from %s at iteration %d", latest, state["iteration"])
+        self.last_checkpoint = path
+        logger.info("resumed from %s at iteration %d", path, state["iteration"])
         return int(state["iteration"])
 
     def save(self, iteration: int) -> Path | None:
@@ -177,7 +235,14 @@ class Trainer:
         return {**reduced, **values}
 
     def run(self) -> dict[str, Any]:
-        """Train from ``start_iter`` to the end; returns a summary. Raises TrainingInterrupted on a stop request."""
+        """Train from ``start_iter`` to the end; returns a summary. Raises TrainingInterrupted on a stop request.
+        The output directory's run lock is released on any exit."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         loader = build_train_loader(cfg, self.start_iter * self.global_batch, self.device.type == "cuda")
         metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
@@ -189,7 +254,7 @@ class Trainer:
                 if self._stop_agreed():
                     path = self.save(it)
                     logger.warning("stop requested: saved iteration %d to %s", it, path)
-                    raise TrainingInterrupted(it, path)
+                    raise TrainingInterrupted(it, path, self.stop_reason)
                 t0 = time.perf_counter()
                 batch = next(data_iter)
                 data_time += time.perf_counter() - t0

@@ -1,0 +1,90 @@
+"""The training-checkpoint file and safe reading of weights files; used by train, eval and hub alike.
+
+A training checkpoint is one ``torch.save`` file holding only tensors and plain Python containers, so it loads with
+``torch.load(weights_only=True)``. Layout::
+
+    {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
+     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
+     "optimizer": ..., "scaler": ... | None, "sampler_position": global sample index, "world_size": int,
+     "config": YAML text}
+
+The backbones inside (``student.backbone.*``, ``teacher.backbone.*``) have the official DINOv2 key layout.
+Where checkpoints are written, kept and resumed from is :mod:`ssl_distill.train.checkpoint`'s business.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "ssl_distill.checkpoint"
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+class WeightsFileError(ValueError):
+    """A weights or checkpoint file that cannot be read as it is; the message names the file and what to do."""
+
+
+def describe_read_error(path: Path, exc: Exception) -> str:
+    """One complete sentence for a failed ``torch.load(weights_only=True)`` / safetensors read of ``path``."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and (found := _UNSAFE_GLOBAL.search(text)):
+        return (f"'{path}' holds Python objects besides tensors ({found.group(1)}), which "
+                "torch.load(weights_only=True) refuses to unpickle because loading them can run arbitrary code "
+                "from the file. Only if you trust its source: load it once with torch.load(path, "
+                "weights_only=False) and torch.save just its state dict of tensors to a new file, then use that file.")
+    if "WeightsUnpickler error:" in text:  # not a pickle of tensors at all: say what the unpickler met
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return (f"cannot read weights file '{path}' ({type(exc).__name__}: {first}); is it a complete PyTorch (.pth) or "
+            "safetensors file?")
+
+
+def read_weights_file(path: str | os.PathLike) -> Any:
+    """The object in a ``.safetensors`` file or a ``torch.save`` file (``weights_only=True``), on the CPU.
+
+    Raises :class:`FileNotFoundError` for a missing file and :class:`WeightsFileError` for an unreadable one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' does not exist (or is not a file); check the path.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt, truncated, an HTML error page, a pickle with code, ...
+        raise WeightsFileError(describe_read_error(path, exc)) from None
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load one of our training checkpoints and check that it is one (:class:`WeightsFileError` otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
+    state = read_weights_file(path)
+    if not is_training_checkpoint(state):
+        raise WeightsFileError(
+            f"'{path}' is not an ssl_distill training checkpoint. For backbone weights (exported or official "
+            "DINOv2 files) load them with ssl_distill.hub instead."
+        )
+    return state
+
+
+def extract_backbone(state: dict[str, Any], which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The ``which`` backbone's weights of a training checkpoint, in the official DINOv2 key layout."""
+    prefix = f"{which}.backbone."
+    out = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if not out:
+        raise WeightsFileError(f"The checkpoint holds no '{which}' backbone (keys starting with '{prefix}').")
+    return out
