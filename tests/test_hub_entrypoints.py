@@ -120,6 +120,7 @@ def test_linear_classifier_from_the_official_urls(name: str, layers: int, head_p
         kwargs = {} if layers == 4 else {"layers": 1}  # layers=4 is the official default
         model = hub_load(f"{name}_lc", block_chunks=0, depth=4, **kwargs)
     assert isinstance(model, LinearClassifier) and model.classes is None and not model.training
+    assert model.layers == layers and model.linear_head.weight.shape == (1000, (1 + layers) * 384)
     assert (cache / Path(head_path).name).is_file()  # verified download into the cache
     with torch.no_grad():
         torch.testing.assert_close(model(x), official_logits(ref, head, layers, x))

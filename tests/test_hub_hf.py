@@ -10,9 +10,7 @@ import pytest
 import timm
 import torch
 from hub_fixtures import assert_same_tokens, assert_sd_equal, randomise
-
-transformers = pytest.importorskip("transformers", minversion="5.0")
-from transformers import (  # noqa: E402  (after the importorskip above)
+from transformers import (  # the dev extra installs transformers>=5 (tested: 5.24.0)
     AutoModel,
     Dinov2Config,
     Dinov2ForImageClassification,
@@ -21,10 +19,10 @@ from transformers import (  # noqa: E402  (after the importorskip above)
     Dinov2WithRegistersModel,
 )
 
-from ssl_distill import hub  # noqa: E402
-from ssl_distill.cli import main  # noqa: E402
-from ssl_distill.hub import HubError  # noqa: E402
-from ssl_distill.hub.convert import (  # noqa: E402
+from ssl_distill import hub
+from ssl_distill.cli import main
+from ssl_distill.hub import HubError
+from ssl_distill.hub.convert import (
     convert_state_dict,
     detect_format,
     export_weights,
@@ -32,8 +30,8 @@ from ssl_distill.hub.convert import (  # noqa: E402
     save_weights,
     to_dinov2,
 )
-from ssl_distill.hub.hf import hf_config, hf_to_dinov2  # noqa: E402
-from ssl_distill.models import VisionTransformer  # noqa: E402
+from ssl_distill.hub.hf import hf_config, hf_to_dinov2
+from ssl_distill.models import VisionTransformer
 
 VARIANTS = [(0, "mlp"), (4, "mlp"), (0, "swiglufused"), (4, "swiglufused")]
 WIDTH, DEPTH, HEADS, SIZE = 128, 2, 2, 56  # a 4 x 4 grid of 14 px patches
@@ -79,6 +77,10 @@ def test_ours_to_transformers_in_both_spellings(R: int, ffn: str, tmp_path: Path
     assert not any(info.values()), info  # no missing / unexpected / mismatched keys
     assert_same_tokens(features(ours, x), tokens(loaded.eval(), x), R)
     assert type(AutoModel.from_pretrained(tmp_path / "export")) is cls
+    export_weights(ours.state_dict(), tmp_path / "memory", "hf", hf_keys="memory")  # from_pretrained reads it too
+    loaded, info = cls.from_pretrained(tmp_path / "memory", output_loading_info=True)
+    assert not any(info.values()), info
+    assert_same_tokens(features(ours, x), tokens(loaded.eval(), x), R)
 
 
 @pytest.mark.parametrize("R,ffn", VARIANTS)

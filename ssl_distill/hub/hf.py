@@ -16,7 +16,7 @@ ours (``blocks.i.``)          ``"disk"``: files, transformers 4       ``"memory"
 embeddings (``embeddings.{cls_token, mask_token, position_embeddings (1, 1+N, D), register_tokens (1, R, D),
 patch_embeddings.projection}``, ``layernorm``) are spelled the same in both. transformers 5 renames the modules in
 memory but ``save_pretrained`` still writes, and ``from_pretrained`` still reads, the disk spelling; reading here
-accepts either (even mixed), writing produces the one asked for.
+accepts either, writing produces the one asked for.
 """
 
 from __future__ import annotations
