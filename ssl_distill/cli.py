@@ -144,6 +144,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     spelling = f" ({args.hf_keys} key names)" if args.dst == "hf" else ""
     print(f"wrote {args.dst} layout{spelling} to {', '.join(map(str, written))}")
+    if args.dst == "hf" and all(p.name != "config.json" for p in written):
+        print("hint: for Dinov2Model.from_pretrained give a directory as OUT; it gets model.safetensors + config.json")
     if note:
         print(note)
     return 0

@@ -102,6 +102,7 @@ def test_cli_convert_round_trips_files(tmp_path: Path, capsys: pytest.CaptureFix
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref.forward_features(x)[:, 0], atol=1e-4, rtol=1e-4)
     assert main(["convert", "--to", "hf", str(tmp_path / "ours.pth"), str(tmp_path / "hf.safetensors")]) == 0
+    assert "give a directory as OUT" in capsys.readouterr().out
     assert detect_format(read_weights(tmp_path / "hf.safetensors")) == "hf"
     assert main(["convert", "--from", "hf", "--to", "timm", str(tmp_path / "hf.safetensors"),
                  str(tmp_path / "back.pth")]) == 0
