@@ -34,6 +34,9 @@ EXTRAS = {
         "scikit-learn>=1.3",
         "scikit-image>=0.22",
         "matplotlib>=3.7",
+        # interop tests against the real Hugging Face models (tests/test_hub_hf.py); 5.x renamed the DINOv2
+        # modules in memory (q_proj/..., gate_proj/...) while keeping the 4.x names on disk, and both are tested.
+        "transformers>=5.0",
     ],
     "xformers": ["xformers>=0.0.27"],
     # benchmarks/: the lightly + timm baseline of train_step.py, real photos for data_pipeline.py.

@@ -162,13 +162,21 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ssl_distill.hub import HubError, convert_file
+    from ssl_distill.hub import HubError
+    from ssl_distill.hub.convert import export_weights, read_weights, resize_note, to_dinov2
 
     try:
-        path = convert_file(args.input, args.output, src=args.src, dst=args.dst)
+        native = to_dinov2(read_weights(args.input), args.src)
+        written = export_weights(native, args.output, args.dst, args.hf_keys, args.num_heads)
+        note = resize_note(native, args.dst)
     except HubError as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote {args.dst} layout to {path}")
+    spelling = f" ({args.hf_keys} key names)" if args.dst == "hf" else ""
+    print(f"wrote {args.dst} layout{spelling} to {', '.join(map(str, written))}")
+    if args.dst == "hf" and all(p.name != "config.json" for p in written):
+        print("hint: for Dinov2Model.from_pretrained give a directory as OUT; it gets model.safetensors + config.json")
+    if note:
+        print(note)
     return 0
 
 
@@ -193,14 +201,24 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     conv = sub.add_parser(
         "convert", help="convert backbone weights between DINOv2 (ssl_distill), timm and Hugging Face layouts",
         description="Reads .pth/.safetensors (or one of our training checkpoints: its teacher backbone) and writes "
-        "the requested layout atomically; OUT ending in .safetensors writes safetensors.",
+        "the requested layout atomically; OUT ending in .safetensors writes safetensors. Hugging Face input may use "
+        "either key spelling (save_pretrained files or a transformers 5 model.state_dict()); it is detected.",
     )
     conv.add_argument("--from", dest="src", default="auto", choices=("auto", "dinov2", "ssl_distill", "timm", "hf"),
                       help="layout of IN (default: detect)")
     conv.add_argument("--to", dest="dst", default="ssl_distill", choices=("ssl_distill", "dinov2", "timm", "hf"),
                       help="layout of OUT (ssl_distill = official DINOv2 layout)")
+    conv.add_argument("--hf-keys", default="disk", choices=("disk", "memory"),
+                      help="with --to hf: 'disk' = the names save_pretrained writes and from_pretrained reads "
+                      "(transformers 4 and 5 files); 'memory' = transformers 5 model.state_dict() names, for "
+                      "load_state_dict(strict=True) into a live model (default: disk)")
+    conv.add_argument("--num-heads", type=int, default=None,
+                      help="with --to hf: attention heads written to config.json (default: width / 64, as in "
+                      "every DINOv2 model)")
     conv.add_argument("input", metavar="IN", help="input weights file")
-    conv.add_argument("output", metavar="OUT", help="output weights file")
+    conv.add_argument("output", metavar="OUT",
+                      help="output weights file; with --to hf a directory (no .pth/.safetensors suffix) gets "
+                      "model.safetensors + config.json, ready for Dinov2Model.from_pretrained(OUT)")
     conv.set_defaults(func=cmd_convert)
 
 

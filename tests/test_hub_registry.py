@@ -12,7 +12,7 @@ import torch
 from ssl_distill import hub
 from ssl_distill.cli import main
 from ssl_distill.hub import HubError
-from ssl_distill.hub.registry import format_table, markdown_table
+from ssl_distill.hub.registry import LINEAR_HEADS, format_table, get_linear_head, markdown_table
 from ssl_distill.models.layers import SwiGLUFFNFused
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,6 +73,21 @@ def test_official_urls_and_mirror_override(monkeypatch: pytest.MonkeyPatch) -> N
         "http://mirror.local/models/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 
 
+def test_linear_head_urls_follow_the_official_naming(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = "https://dl.fbaipublicfiles.com/dinov2"
+    assert len(LINEAR_HEADS) == 16 and {b for b, _ in LINEAR_HEADS} == set(OFFICIAL)
+    assert get_linear_head("dinov2_vits14").url() == f"{base}/dinov2_vits14/dinov2_vits14_linear4_head.pth"
+    assert get_linear_head("dinov2_vitb14", 1).url() == f"{base}/dinov2_vitb14/dinov2_vitb14_linear_head.pth"
+    assert get_linear_head("dinov2_vitg14_reg", 1).url() == \
+        f"{base}/dinov2_vitg14/dinov2_vitg14_reg4_linear_head.pth"
+    assert get_linear_head("dinov2_vitl14_reg", 4).filename == "dinov2_vitl14_reg4_linear4_head.pth"
+    monkeypatch.setenv("SSL_DISTILL_BASE_URL", "http://mirror.local/dinov2")
+    assert get_linear_head("dinov2_vits14_reg").url() == \
+        "http://mirror.local/dinov2/dinov2_vits14/dinov2_vits14_reg4_linear4_head.pth"
+    with pytest.raises(HubError, match="no published linear head for 'vit_ours'.*eval-linear"):
+        get_linear_head("vit_ours")
+
+
 def test_unknown_names_suggest_the_nearest() -> None:
     with pytest.raises(HubError, match="unknown model 'dinov2_vitb14_regs'.*Did you mean 'dinov2_vitb14_reg'"):
         hub.get_model("dinov2_vitb14_regs")
@@ -85,7 +100,7 @@ def test_hubconf_exposes_the_registry_names_and_loads_locally() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     public = {f for f in dir(module) if callable(getattr(module, f)) and not f.startswith("_")}  # torch.hub.list
-    assert public == set(hub.MODELS)
+    assert public == set(hub.MODELS) | {f"{name}_lc" for name in hub.MODELS}  # backbones + linear classifiers
     model = torch.hub.load(str(REPO), "dinov2_vits14_reg", source="local", pretrained=False, depth=1)
     assert model.num_register_tokens == 4 and model.embed_dim == 384 and len(model.blocks) == 1
     assert not model.training

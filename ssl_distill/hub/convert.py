@@ -11,7 +11,9 @@ Layouts (``D`` = width, ``N`` = patches of the learned grid, ``R`` = registers):
 * **hf** (``transformers`` ``Dinov2Model`` / ``Dinov2WithRegistersModel``): ``embeddings.{cls_token, mask_token,
   position_embeddings, register_tokens, patch_embeddings.projection}``, ``encoder.layer.i.{norm1,
   attention.attention.{query,key,value}, attention.output.dense, layer_scale1.lambda1, norm2, mlp.fc1|weights_in,
-  mlp.fc2|weights_out, layer_scale2.lambda1}``, ``layernorm``; optionally under a ``dinov2.`` prefix.
+  mlp.fc2|weights_out, layer_scale2.lambda1}``, ``layernorm``; optionally under a ``dinov2.`` prefix. That is the
+  spelling of files (``save_pretrained``, transformers 4); transformers 5 renames modules in memory
+  (``attention.q_proj``, ``mlp.gate_proj``, ...). Both are read; see :mod:`ssl_distill.hub.hf`.
 
 dinov2 -> timm -> dinov2 moves the class position of register models from ``pos_embed`` into ``cls_token``
 (the sum, which is all the forward pass uses, is unchanged); timm -> dinov2 -> timm is exact.
@@ -19,7 +21,9 @@ dinov2 -> timm -> dinov2 moves the class position of register models from ``pos_
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -27,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssl_distill.fileio import atomic_open
+from ssl_distill.fileio import atomic_open, atomic_write_text
+from ssl_distill.hub.hf import dinov2_to_hf, hf_config, hf_to_dinov2
 from ssl_distill.hub.registry import HubError
 
 logger = logging.getLogger(__name__)
@@ -35,36 +40,13 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, Tensor]
 FORMATS = ("dinov2", "timm", "hf")
 ALIASES = {"ssl_distill": "dinov2", "native": "dinov2", "huggingface": "hf", "transformers": "hf"}
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
 _DINOV2_KEY = re.compile(
     r"^(cls_token|pos_embed|register_tokens|mask_token|patch_embed\.proj\.(weight|bias)|norm\.(weight|bias)"
     r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|mlp\.w12|mlp\.w3)\.(weight|bias)"
     r"|blocks\.\d+\.ls[12]\.gamma)$"
 )
-_HF_TOP = {
-    "embeddings.cls_token": "cls_token",
-    "embeddings.mask_token": "mask_token",
-    "embeddings.position_embeddings": "pos_embed",
-    "embeddings.register_tokens": "register_tokens",
-    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-    "layernorm.weight": "norm.weight",
-    "layernorm.bias": "norm.bias",
-}
-# HF module name inside encoder.layer.i -> ours inside blocks.i (weight and bias follow)
-_HF_BLOCK_MODULES = {
-    "norm1": "norm1", "norm2": "norm2", "attention.output.dense": "attn.proj",
-    "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.w12", "mlp.weights_out": "mlp.w3",
-}
-_HF_BLOCK_PARAMS = {"layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma"}
-_HF_BLOCK = {
-    **{f"{h}.{p}": f"{o}.{p}" for h, o in _HF_BLOCK_MODULES.items() for p in ("weight", "bias")},
-    **_HF_BLOCK_PARAMS,
-}
-_HF_BLOCK_INV = {v: k for k, v in _HF_BLOCK.items()}
-_HF_TOP_INV = {v: k for k, v in _HF_TOP.items()}
-
-
 def canonical_format(name: str) -> str:
     """``"ssl_distill"``/``"native"`` -> ``"dinov2"``, ``"huggingface"`` -> ``"hf"``; unknown names raise."""
     fmt = ALIASES.get(name, name)
@@ -154,64 +136,9 @@ def dinov2_to_timm(sd: StateDict) -> StateDict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ Hugging Face
-def _strip_hf_prefix(sd: StateDict) -> StateDict:
-    """Drop a ``dinov2.`` / ``dinov2_with_registers.`` model prefix and any classifier head."""
-    out: StateDict = {}
-    for k, v in sd.items():
-        if k.startswith("classifier."):
-            logger.warning("dropping classifier weight %s (backbones have no head)", k)
-            continue
-        m = re.match(r"^[A-Za-z0-9_]+\.(?=(embeddings|encoder|layernorm)\.)", k)
-        out[k[m.end():] if m else k] = v
-    return out
-
-
-def hf_to_dinov2(sd: StateDict) -> StateDict:
-    """Hugging Face ``Dinov2Model`` layout -> DINOv2 layout (q/k/v concatenated into ``qkv``)."""
-    out: StateDict = {}
-    qkv: dict[tuple[int, str], dict[str, Tensor]] = {}
-    unknown = []
-    for k, v in _strip_hf_prefix(sd).items():
-        if k in _HF_TOP:
-            out[_HF_TOP[k]] = v
-            continue
-        m = re.match(r"^encoder\.layer\.(\d+)\.(.+)$", k)
-        if m and (q := re.match(r"^attention\.attention\.(query|key|value)\.(weight|bias)$", m[2])):
-            qkv.setdefault((int(m[1]), q[2]), {})[q[1]] = v
-        elif m and m[2] in _HF_BLOCK:
-            out[f"blocks.{m[1]}.{_HF_BLOCK[m[2]]}"] = v
-        else:
-            unknown.append(k)
-    if unknown:
-        raise HubError(f"unexpected keys for a Hugging Face Dinov2Model: {', '.join(unknown[:6])}")
-    for (i, param), parts in sorted(qkv.items()):
-        if set(parts) != {"query", "key", "value"}:
-            raise HubError(f"encoder.layer.{i}.attention lacks {sorted({'query', 'key', 'value'} - set(parts))}")
-        out[f"blocks.{i}.attn.qkv.{param}"] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
-    return out
-
-
-def dinov2_to_hf(sd: StateDict) -> StateDict:
-    """DINOv2 layout -> Hugging Face ``Dinov2Model`` layout (``qkv`` split into query/key/value)."""
-    out: StateDict = {}
-    for k, v in validate_dinov2(sd).items():
-        if k in _HF_TOP_INV:
-            out[_HF_TOP_INV[k]] = v
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", k)
-        assert m is not None  # validate_dinov2 allows only top-level and block keys
-        if q := re.match(r"^attn\.qkv\.(weight|bias)$", m[2]):
-            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
-                out[f"encoder.layer.{m[1]}.attention.attention.{name}.{q[1]}"] = part
-        else:
-            out[f"encoder.layer.{m[1]}.{_HF_BLOCK_INV[m[2]]}"] = v
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- API
 def to_dinov2(sd: StateDict, src: str = "auto") -> StateDict:
-    """Any supported layout (``src`` = ``"auto"`` detects it) -> validated DINOv2 layout."""
+    """Any supported layout (``src`` = ``"auto"`` detects it, both Hugging Face spellings) -> validated DINOv2."""
     src = detect_format(sd) if src == "auto" else canonical_format(src)
     if src == "timm":
         sd = timm_to_dinov2(sd)
@@ -220,18 +147,38 @@ def to_dinov2(sd: StateDict, src: str = "auto") -> StateDict:
     return validate_dinov2(dict(sd))
 
 
-def convert_state_dict(sd: StateDict, src: str = "auto", dst: str = "dinov2") -> StateDict:
-    """Convert a backbone state dict between layouts (via the DINOv2 layout)."""
+def convert_state_dict(sd: StateDict, src: str = "auto", dst: str = "dinov2", hf_keys: str = "disk") -> StateDict:
+    """Convert a backbone state dict between layouts (via the DINOv2 layout).
+
+    ``hf_keys`` picks the Hugging Face spelling written for ``dst="hf"``: ``"disk"`` (what ``save_pretrained``
+    writes and ``from_pretrained`` reads) or ``"memory"`` (transformers 5 ``model.state_dict()``, for
+    ``load_state_dict(strict=True)`` into a live model); see :mod:`ssl_distill.hub.hf`.
+    """
     native = to_dinov2(sd, src)
     dst = canonical_format(dst)
     if dst == "timm":
         return dinov2_to_timm(native)
     if dst == "hf":
-        return dinov2_to_hf(native)
+        return dinov2_to_hf(native, hf_keys)
     return native
 
 
-def _unwrap(obj: object, path: Path) -> StateDict:
+def resize_note(sd: StateDict, dst: str) -> str | None:
+    """For a timm / Hugging Face export of a backbone without registers (DINOv2 layout ``sd``): a one-line note
+    that those libraries resize position embeddings differently, so features agree only at the native size."""
+    dst = canonical_format(dst)
+    if dst == "dinov2" or "register_tokens" in sd:
+        return None
+    side = math.isqrt(sd["pos_embed"].shape[1] - 1) * sd["patch_embed.proj.weight"].shape[-1]
+    how = ("with antialiasing (resample_abs_pos_embed)" if dst == "timm"
+           else "to the target size without the 0.1 offset (Dinov2Model)")
+    return (f"note: this backbone has no registers; the official DINOv2 code (and ssl_distill) resizes its position "
+            f"embeddings with a 0.1 offset and no antialiasing, {dst} resizes them {how}, so features agree exactly "
+            f"only for {side}x{side} px inputs (the learned grid); see MODEL_ZOO.md, 'Position embeddings at other "
+            "sizes'.")
+
+
+def unwrap_state_dict(obj: object, path: Path) -> StateDict:
     """A plain ``{name: tensor}`` dict from a loaded file: our training checkpoints give the teacher backbone;
     ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers are opened."""
     from ssl_distill.train.checkpoint import CHECKPOINT_FORMAT, extract_backbone
@@ -257,24 +204,27 @@ def _backbone_keys(sd: StateDict) -> StateDict:
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
 
 
-def read_weights(path: str | os.PathLike) -> StateDict:
-    """Load a weights file safely: ``.safetensors``, or ``torch.load(weights_only=True)``; see :func:`_unwrap`."""
+def load_file(path: str | os.PathLike) -> object:
+    """The object in a weights file, read safely: ``.safetensors``, or ``torch.load(weights_only=True)``."""
     path = Path(path)
     if not path.is_file():
         raise HubError(f"weights file '{path}' does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file as load_safetensors
 
-            obj: object = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_safetensors(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt, truncated, HTML error page, pickle with code, ...
         raise HubError(
             f"cannot read weights file '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
             "Is it a complete PyTorch/safetensors file? Delete it and download it again."
         ) from None
-    return _unwrap(obj, path)
+
+
+def read_weights(path: str | os.PathLike) -> StateDict:
+    """The state dict in a weights file (:func:`load_file`, then :func:`unwrap_state_dict`)."""
+    return unwrap_state_dict(load_file(path), Path(path))
 
 
 def save_weights(sd: StateDict, path: str | os.PathLike) -> Path:
@@ -285,16 +235,50 @@ def save_weights(sd: StateDict, path: str | os.PathLike) -> Path:
         if path.suffix == ".safetensors":
             from safetensors.torch import save
 
-            f.write(save(sd))
+            f.write(save(sd, metadata={"format": "pt"}))  # transformers' from_pretrained wants the format tag
         else:
             torch.save(sd, f)
     return path
 
 
+def _hf_targets(dst_path: Path) -> tuple[Path, Path | None]:
+    """(weights file, config.json or None) of a Hugging Face export to ``dst_path``: a directory (an existing one,
+    or a path without a weights suffix) gets ``model.safetensors`` + ``config.json``; a file named like
+    ``save_pretrained``'s gets ``config.json`` beside it; any other file name is written alone."""
+    if dst_path.is_dir() or dst_path.suffix not in _WEIGHT_SUFFIXES:
+        return dst_path / "model.safetensors", dst_path / "config.json"
+    if dst_path.name in ("model.safetensors", "pytorch_model.bin"):
+        return dst_path, dst_path.with_name("config.json")
+    return dst_path, None
+
+
+def export_weights(native: StateDict, dst_path: str | os.PathLike, dst: str = "dinov2", hf_keys: str = "disk",
+                   num_heads: int | None = None) -> list[Path]:
+    """Write a validated DINOv2-layout state dict in layout ``dst`` atomically; returns the files written.
+
+    For ``dst="hf"`` a directory target receives ``model.safetensors`` and the ``config.json`` (see
+    :func:`ssl_distill.hub.hf.hf_config`; ``num_heads`` defaults to width / 64) that
+    ``Dinov2Model.from_pretrained(dir)`` / ``Dinov2WithRegistersModel.from_pretrained(dir)`` need.
+    """
+    dst = canonical_format(dst)
+    out = convert_state_dict(native, "dinov2", dst, hf_keys)
+    if dst != "hf":
+        return [save_weights(out, dst_path)]
+    weights_path, config_path = _hf_targets(Path(dst_path))
+    config = hf_config(native, num_heads) if config_path is not None else None  # fail before writing anything
+    written = [save_weights(out, weights_path)]
+    if config_path is not None:
+        written.append(atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return written
+
+
 def convert_file(src_path: str | os.PathLike, dst_path: str | os.PathLike, src: str = "auto",
-                 dst: str = "dinov2") -> Path:
-    """Read ``src_path`` (layout ``src``), write it in layout ``dst`` to ``dst_path`` atomically."""
-    out = convert_state_dict(read_weights(src_path), src, dst)
-    save_weights(out, dst_path)
-    logger.info("converted %s (%s) -> %s (%s), %d tensors", src_path, src, dst_path, dst, len(out))
+                 dst: str = "dinov2", hf_keys: str = "disk", num_heads: int | None = None) -> Path:
+    """Read ``src_path`` (layout ``src``), write it in layout ``dst`` to ``dst_path`` atomically (see
+    :func:`export_weights`); returns ``dst_path``."""
+    native = to_dinov2(read_weights(src_path), src)
+    written = export_weights(native, dst_path, dst, hf_keys, num_heads)
+    if note := resize_note(native, dst):
+        logger.warning(note)
+    logger.info("converted %s (%s) -> %s (%s)", src_path, src, ", ".join(map(str, written)), dst)
     return Path(dst_path)

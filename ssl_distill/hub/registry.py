@@ -127,6 +127,70 @@ _OWN: tuple[ModelEntry, ...] = ()
 MODELS: Mapping[str, ModelEntry] = MappingProxyType({e.name: e for e in (*_official_entries(), *_OWN)})
 
 
+@dataclass(frozen=True)
+class LinearHeadEntry:
+    """A published ImageNet-1k linear classifier on a zoo backbone (the official ``<backbone>_lc`` entry points).
+
+    The head is ``nn.Linear((1 + layers) * D, num_classes)`` over ``layers`` = 1: the last block's normalised CLS
+    token and its mean patch token ``(B, 2D)``; 4: the CLS tokens of the last 4 blocks and the last block's mean
+    patch token ``(B, 5D)``. The file holds that Linear's ``weight`` and ``bias``.
+
+    Attributes:
+        backbone: registry name of the backbone (``"dinov2_vits14"``).
+        layers: 1 or 4.
+        path: file path relative to the base URL; ``$SSL_DISTILL_BASE_URL`` replaces the base as for backbones.
+        sha256: hex digest of the file when known (the authors publish none).
+    """
+
+    backbone: str
+    layers: int
+    path: str
+    num_classes: int = 1000
+    sha256: str | None = None
+    base_url: str = OFFICIAL_BASE_URL
+
+    @property
+    def name(self) -> str:
+        return f"{self.backbone}_lc"
+
+    @property
+    def filename(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+    def url(self, base_url: str | None = None) -> str:
+        """Download URL: ``{base}/{path}``, base = ``base_url`` or ``$SSL_DISTILL_BASE_URL`` or the entry's own."""
+        base = base_url or os.environ.get(BASE_URL_ENV) or self.base_url
+        return f"{base.rstrip('/')}/{self.path}"
+
+
+def _official_heads() -> tuple[LinearHeadEntry, ...]:
+    """``<model>/<model>[_reg4]_linear{4 or empty}_head.pth`` for each official backbone (reference hubconf)."""
+    out = []
+    for entry in _official_entries():
+        stem = entry.name.removesuffix("_reg")
+        full = stem + ("_reg4" if entry.num_register_tokens else "")
+        for layers in (1, 4):
+            suffix = "4" if layers == 4 else ""
+            out.append(LinearHeadEntry(entry.name, layers, f"{stem}/{full}_linear{suffix}_head.pth"))
+    return tuple(out)
+
+
+LINEAR_HEADS: Mapping[tuple[str, int], LinearHeadEntry] = MappingProxyType(
+    {(h.backbone, h.layers): h for h in _official_heads()}
+)
+
+
+def get_linear_head(backbone: str, layers: int = 4) -> LinearHeadEntry:
+    """The published linear head of ``backbone`` over ``layers`` (1 or 4) blocks; unknown ones raise HubError."""
+    if layers not in (1, 4):
+        raise HubError(f"layers={layers!r} is not supported: the linear classifiers use the last 1 or 4 blocks")
+    if (backbone, layers) not in LINEAR_HEADS:
+        known = sorted({b for b, _ in LINEAR_HEADS})
+        raise HubError(f"no published linear head for {backbone!r}; heads exist for {', '.join(known)}. For your "
+                       "own backbone pass weights=<head file from `ssl-distill eval-linear`>.")
+    return LINEAR_HEADS[(backbone, layers)]
+
+
 def list_models() -> list[str]:
     """Registered model names, in table order."""
     return list(MODELS)
