@@ -162,13 +162,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ssl_distill.hub import HubError
-    from ssl_distill.hub.convert import export_weights, read_weights, resize_note, to_dinov2
+    from ssl_distill.hub import HubError, convert_file
 
     try:
-        native = to_dinov2(read_weights(args.input), args.src)
-        written = export_weights(native, args.output, args.dst, args.hf_keys, args.num_heads)
-        note = resize_note(native, args.dst)
+        written, note = convert_file(args.input, args.output, args.src, args.dst, args.hf_keys, args.num_heads)
     except HubError as exc:
         raise UserError(str(exc)) from None
     spelling = f" ({args.hf_keys} key names)" if args.dst == "hf" else ""
@@ -223,22 +220,24 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    import torch
-
     from ssl_distill.data import BrokenImageError
-    from ssl_distill.eval.weights import WeightsError, load_pretrained_backbone
+    from ssl_distill.distributed import resolve_device
+    from ssl_distill.hub import HubError, resolve_backbone
     from ssl_distill.viz.attention import collect_image_paths, visualize_images
 
     if args.image_size < 1 or not 0.0 <= args.threshold <= 1.0:
         raise UserError("--image-size must be >= 1 and --threshold in [0, 1] (0 = no masks).")
     try:
+        device = resolve_device(args.device, what="--device")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    try:
         paths = collect_image_paths(args.images)
-        model, _ = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts)
+        model, _ = resolve_backbone(args.pretrained_weights, args.config_file, args.opts)
         if args.image_size < model.patch_size:
             raise UserError(f"--image-size {args.image_size} is smaller than the patch size {model.patch_size}.")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         written = visualize_images(model, paths, args.output_dir, args.image_size, args.threshold or None, device)
-    except (FileNotFoundError, BrokenImageError, WeightsError) as exc:
+    except (FileNotFoundError, BrokenImageError, HubError) as exc:
         raise UserError(str(exc)) from None
     print(f"wrote {len(written)} attention figure(s) to {args.output_dir}")
     return 0
@@ -310,7 +309,7 @@ def _add_submit_command(sub: argparse._SubParsersAction) -> None:
         description=SUBMIT_DESCRIPTION, epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_submit_args(submit)
-    submit.set_defaults(func=cmd_submit)
+    submit.set_defaults(func=cmd_submit, cli_command="submit")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -380,6 +379,7 @@ def main(argv: Sequence[str] | None = None, on_trainer: Callable[[Any], None] | 
     parser = _build_parser()
     args = parser.parse_args(argv)
     args.on_trainer = on_trainer
+    args.cli_command = getattr(args, "cli_command", None) or args.command  # `submit` keeps the job's in .command
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -388,12 +388,12 @@ def main(argv: Sequence[str] | None = None, on_trainer: Callable[[Any], None] | 
     try:
         return int(args.func(args) or 0)
     except (ConfigError, UserError) as exc:
-        print(f"ssl-distill {args.command}: error: {exc}", file=sys.stderr)
+        print(f"ssl-distill {args.cli_command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         if exc.errno not in _USER_FILE_ERRNOS or args.verbose:
             raise  # a bug, or asked for the details (-v): the traceback
-        print(f"ssl-distill {args.command}: error: {describe_file_error(exc)}", file=sys.stderr)
+        print(f"ssl-distill {args.cli_command}: error: {describe_file_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -210,6 +210,9 @@ def _parse_dotlist(overrides: Sequence[str]) -> DictConfig:
 
 def _load_yaml(config_file: str | os.PathLike) -> DictConfig:
     path = Path(config_file)
+    if path.is_dir():
+        raise ConfigError(f"Config file '{path}' is a directory; pass a YAML file, e.g. configs/vits14_default.yaml "
+                          "(or a run's config.yaml).")
     if not path.is_file():
         raise ConfigError(
             f"Config file '{path}' does not exist. Pass an existing YAML file, e.g. configs/vits14_default.yaml."

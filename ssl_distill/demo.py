@@ -33,9 +33,9 @@ def _knn_row(name: str, weights: str, config_file: str, data: tuple[Path, Path],
     from ssl_distill.eval.data import load_labelled_datasets
     from ssl_distill.eval.knn import backbone_knn_top1
     from ssl_distill.eval.transforms import make_eval_transform
-    from ssl_distill.eval.weights import load_pretrained_backbone
+    from ssl_distill.hub import resolve_backbone
 
-    model, _ = load_pretrained_backbone(weights, config_file)
+    model, _ = resolve_backbone(weights, config_file)
     transform = make_eval_transform(image_size)
     train, val = load_labelled_datasets(str(data[0]), str(data[1]), transform, transform)
     top1 = backbone_knn_top1(model, train, val, KS, desc=name)

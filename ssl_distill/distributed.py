@@ -34,6 +34,22 @@ class DistEnv:
     master_port: int
 
 
+def resolve_device(want: str | None = "auto", local_rank: int | None = None, what: str = "train.device"
+                   ) -> torch.device:
+    """The device a process should use: ``want`` is ``auto`` (this rank's CUDA device when CUDA is available, else
+    the CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``what`` names the setting in the error when CUDA is asked for but
+    absent. ``local_rank`` defaults to the launcher's."""
+    want = want or "auto"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{what}={want} but no CUDA device is visible; use {what}=cpu (or auto).")
+    if ":" in want:
+        return torch.device(want)
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        rank = detect_environment().local_rank if local_rank is None else local_rank
+        return torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+    return torch.device("cpu")
+
+
 def is_enabled() -> bool:
     """True when ``torch.distributed`` is available and initialised."""
     return dist.is_available() and dist.is_initialized()

@@ -19,10 +19,10 @@ from ssl_distill.hub.convert import (
     convert_state_dict,
     detect_format,
     dinov2_to_timm,
-    read_weights,
     save_weights,
     timm_to_dinov2,
 )
+from ssl_distill.hub.resolve import read_weights
 from ssl_distill.models import VisionTransformer, vit_giant2
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hub_fixtures import randomise, serve_directory
+from hub_fixtures import allow_stand_in_weights, randomise, serve_directory
 
 from ssl_distill import hub
 from ssl_distill.hub import HubError
@@ -32,6 +32,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("SSL_DISTILL_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("SSL_DISTILL_BASE_URL", raising=False)
     monkeypatch.delenv("SSL_DISTILL_OFFLINE", raising=False)
+    allow_stand_in_weights(monkeypatch)  # shallow models stand in for the official files
     (tmp_path / "home" / "checkpoints").mkdir(parents=True)
     return tmp_path / "home" / "checkpoints"
 

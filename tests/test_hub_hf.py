@@ -26,11 +26,11 @@ from ssl_distill.hub.convert import (
     convert_state_dict,
     detect_format,
     export_weights,
-    read_weights,
     save_weights,
     to_dinov2,
 )
 from ssl_distill.hub.hf import hf_config, hf_to_dinov2
+from ssl_distill.hub.resolve import read_weights
 from ssl_distill.models import VisionTransformer
 
 VARIANTS = [(0, "mlp"), (4, "mlp"), (0, "swiglufused"), (4, "swiglufused")]

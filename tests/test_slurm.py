@@ -105,6 +105,21 @@ def test_finished_run_is_refused_unless_continued(tmp_path, photo_folder, fake_s
         slurm.with_output_dir(["--output-dir", str(tmp_path / "elsewhere")], str(out))
 
 
+def test_unconfigured_slurm_is_one_line_with_the_local_alternative(tmp_path, photo_folder, fake_slurm_tools,
+                                                                  capsys):
+    """sbatch exists but fails (no cluster configured here): its message appears once, in a line labelled with the
+    submit command, followed by how to run without Slurm; config mistakes are labelled `submit` too."""
+    argv = ["submit", "--output-dir", str(tmp_path / "run"), "train", "--config-file", TINY,
+            f"train.dataset_path={photo_folder}"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssl-distill submit: error: sbatch refused the job"), captured.err
+    assert lines[0].count("fake sbatch: not a cluster") == 1 and "To run without Slurm" in lines[0]
+    assert main([*argv, "optim.epochs=zero"]) == 2
+    assert capsys.readouterr().err.startswith("ssl-distill submit: error: Bad value for config key 'optim.epochs'")
+
+
 def test_requeue_counts_and_drops_no_resume():
     job = slurm.SlurmCommand("train", ["--no-resume", "optim.epochs=2"], max_requeues=2)
     again = job.checkpoint().function

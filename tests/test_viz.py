@@ -13,8 +13,7 @@ from PIL import Image
 from ssl_distill.cli import main
 from ssl_distill.config import config_to_yaml, load_config
 from ssl_distill.eval.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ssl_distill.eval.weights import backbone_from_config
-from ssl_distill.models import build_backbone
+from ssl_distill.models import backbone_from_config, build_backbone
 from ssl_distill.train.checkpoint import export_backbone, save_checkpoint
 from ssl_distill.viz.attention import (
     PADDING,

@@ -87,17 +87,20 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
     """Distributed init, device, backbone (on device) and its info, autocast dtype."""
     import torch
 
-    from ssl_distill.distributed import init_distributed
+    from ssl_distill.distributed import init_distributed, resolve_device
     from ssl_distill.eval.data import EvalInputError
-    from ssl_distill.eval.weights import WeightsError, load_pretrained_backbone
+    from ssl_distill.hub import HubError, resolve_backbone
 
     _check_args(args)
     init_distributed()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(args.device, what="--device")
+    except ValueError as err:
+        raise EvalInputError(str(err)) from None
     torch.manual_seed(args.seed)
     try:
-        model, info = load_pretrained_backbone(args.pretrained_weights, args.config_file, args.opts, seed=args.seed)
-    except WeightsError as err:
+        model, info = resolve_backbone(args.pretrained_weights, args.config_file, args.opts, seed=args.seed)
+    except HubError as err:
         raise EvalInputError(str(err)) from None
     if args.image_size % model.patch_size:
         p = model.patch_size

@@ -12,9 +12,10 @@ import logging
 import os
 from typing import Any
 
-from ssl_distill.hub.convert import convert_file, convert_state_dict, detect_format, read_weights, to_dinov2
+from ssl_distill.hub.convert import convert_state_dict, detect_format, to_dinov2
 from ssl_distill.hub.download import cache_dir, download, download_url, resolve_weights, sha256_file, weights_dir
 from ssl_distill.hub.registry import MODELS, HubError, ModelEntry, get_model, list_models
+from ssl_distill.hub.resolve import convert_file, load_strict, read_backbone_weights, read_weights, resolve_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ __all__ = [
     "load",
     "load_state_dict",
     "read_weights",
+    "resolve_backbone",
     "resolve_weights",
     "sha256_file",
     "to_dinov2",
@@ -40,21 +42,7 @@ __all__ = [
 ]
 
 
-def load_state_dict(model: Any, state_dict: dict, source: str) -> None:
-    """``model.load_state_dict(state_dict, strict=True)`` with a one-line error naming ``source`` on mismatch."""
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        theirs, ours = set(state_dict), set(model.state_dict())
-        missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
-        shapes = [k for k in ours & theirs if tuple(state_dict[k].shape) != tuple(model.state_dict()[k].shape)]
-        detail = "; ".join(
-            f"{what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
-            for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", sorted(shapes)))
-            if keys
-        ) or str(exc).splitlines()[0]
-        raise HubError(f"weights from {source} do not fit this architecture ({detail}). "
-                       "Pick the model name that matches the weights (`ssl-distill models`).") from None
+load_state_dict = load_strict  # the published name: strict loading with the fix in the error
 
 
 def load(name: str | ModelEntry, pretrained: bool = True, weights: str | os.PathLike | None = None,
@@ -83,7 +71,8 @@ def load(name: str | ModelEntry, pretrained: bool = True, weights: str | os.Path
         path = download(entry, progress=progress)
     else:
         return model.eval()
-    state_dict = to_dinov2(read_weights(path))
-    load_state_dict(model, state_dict, f"'{path}'")
+    state_dict, _ = read_backbone_weights(path)
+    load_strict(model, state_dict, f"'{path}'", advice=f"these weights are not {entry.name}'s architecture; pick "
+                "the model name that matches them (`ssl-distill models`) or pass pretrained=False")
     logger.info("loaded %s weights from %s", entry.name, path)
     return model.eval()

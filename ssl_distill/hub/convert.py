@@ -178,55 +178,6 @@ def resize_note(sd: StateDict, dst: str) -> str | None:
             "sizes'.")
 
 
-def unwrap_state_dict(obj: object, path: Path) -> StateDict:
-    """A plain ``{name: tensor}`` dict from a loaded file: our training checkpoints give the teacher backbone;
-    ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers are opened."""
-    from ssl_distill.train.checkpoint import CHECKPOINT_FORMAT, extract_backbone
-
-    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-        return extract_backbone(obj, "teacher")
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise HubError(f"'{path}' does not hold a state dict (a mapping of parameter names to tensors)")
-    return _backbone_keys({str(k): v for k, v in obj.items()})
-
-
-def _backbone_keys(sd: StateDict) -> StateDict:
-    """Reference DINOv2 training files: keep the (teacher) backbone, drop heads and a DDP ``module.`` prefix, and
-    un-chunk FSDP block chunks (``blocks.<chunk>.<i>.`` -> ``blocks.<i>.``)."""
-    for prefix in ("teacher.backbone.", "backbone.", "module."):
-        if any(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-            break
-    return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
-
-
-def load_file(path: str | os.PathLike) -> object:
-    """The object in a weights file, read safely: ``.safetensors``, or ``torch.load(weights_only=True)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise HubError(f"weights file '{path}' does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file as load_safetensors
-
-            return load_safetensors(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt, truncated, HTML error page, pickle with code, ...
-        raise HubError(
-            f"cannot read weights file '{path}' ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
-            "Is it a complete PyTorch/safetensors file? Delete it and download it again."
-        ) from None
-
-
-def read_weights(path: str | os.PathLike) -> StateDict:
-    """The state dict in a weights file (:func:`load_file`, then :func:`unwrap_state_dict`)."""
-    return unwrap_state_dict(load_file(path), Path(path))
-
-
 def save_weights(sd: StateDict, path: str | os.PathLike) -> Path:
     """Write a state dict atomically: safetensors if ``path`` ends in ``.safetensors``, else ``torch.save``."""
     path = Path(path)
@@ -270,15 +221,3 @@ def export_weights(native: StateDict, dst_path: str | os.PathLike, dst: str = "d
     if config_path is not None:
         written.append(atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return written
-
-
-def convert_file(src_path: str | os.PathLike, dst_path: str | os.PathLike, src: str = "auto",
-                 dst: str = "dinov2", hf_keys: str = "disk", num_heads: int | None = None) -> Path:
-    """Read ``src_path`` (layout ``src``), write it in layout ``dst`` to ``dst_path`` atomically (see
-    :func:`export_weights`); returns ``dst_path``."""
-    native = to_dinov2(read_weights(src_path), src)
-    written = export_weights(native, dst_path, dst, hf_keys, num_heads)
-    if note := resize_note(native, dst):
-        logger.warning(note)
-    logger.info("converted %s (%s) -> %s (%s)", src_path, src, ", ".join(map(str, written)), dst)
-    return Path(dst_path)

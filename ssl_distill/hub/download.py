@@ -6,7 +6,11 @@
   (also by the next run), a server that ignores ``Range`` restarts the file.
 * atomic: the finished ``.partial`` is fsynced, verified and renamed into place, so the cache only ever holds
   complete files; a ``<file>.lock`` (POSIX ``flock``) makes processes sharing a cache download a file once.
-* sha256: verified when known; a mismatch deletes the partial file and raises.
+* verification, before a file enters the cache: its size against the server's ``Content-Length``, the registry's
+  exact ``size`` or ``min_size`` (the fp32 tensor data of the entry's parameters), the CRC of every member of a
+  PyTorch zip archive, and the sha256 when known. A file that fails is deleted, never cached. The size and sha256
+  of a verified file are recorded beside it (``<file>.verified``); a cached file whose size no longer matches that
+  record or the registry (or whose zip directory is damaged) is downloaded again.
 * offline: ``SSL_DISTILL_OFFLINE=1`` (or a network failure) uses the cache or fails saying what to download where.
 * mirrors: ``SSL_DISTILL_BASE_URL`` replaces the zoo's base URL (see :meth:`ModelEntry.url`).
 """
@@ -16,12 +20,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import logging
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -151,29 +157,84 @@ def _unreachable(url: str, dest: Path, why: str) -> HubError:
 
 
 def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *, progress: bool | None = None,
-                 retries: int = 3, timeout: float = 30.0) -> Path:
-    """Download ``url`` to ``dest`` (kept if it already exists), resuming and verifying; returns ``dest``.
+                 retries: int = 3, timeout: float = 30.0, min_size: int = 0, size: int | None = None) -> Path:
+    """Download ``url`` to ``dest`` (a cached copy that passes verification is kept), resuming and verifying.
 
     Args:
         sha256: expected hex digest; on a mismatch the partial file is deleted and :class:`HubError` raised.
         progress: show a tqdm bar (None: only on an interactive terminal).
         retries: resumptions attempted after an interrupted transfer within this call.
         timeout: socket timeout in seconds.
+        min_size / size: bytes a complete file has at least / exactly (see the module docstring).
     """
     dest = Path(dest).expanduser()
     if dest.is_file():
-        return dest
+        problems = _cheap_problems(dest, sha256, min_size, size, _read_record(dest))
+        if not problems:
+            return dest
+        if is_offline():
+            raise HubError(f"the cached {dest} fails verification ({'; '.join(problems)}) and {OFFLINE_ENV}=1 "
+                           f"forbids downloading it again: delete it and download {url} again, or copy a good copy "
+                           "there.")
+        logger.warning("the cached %s fails verification (%s); downloading it again", dest, "; ".join(problems))
     if is_offline():
         raise _unreachable(url, dest, f"offline mode: {OFFLINE_ENV}=1")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(dest):
-        if not dest.is_file():  # another process may have finished it while we waited
-            _download_locked(url, dest, sha256, progress, retries, timeout)
+        if dest.is_file() and _cheap_problems(dest, sha256, min_size, size, _read_record(dest)):
+            dest.unlink()  # a bad cached copy (another process may have replaced it with a good one meanwhile)
+            _record_path(dest).unlink(missing_ok=True)
+        if not dest.is_file():
+            _download_locked(url, dest, sha256, progress, retries, timeout, (min_size, size))
     return dest
 
 
+def _record_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".verified")
+
+
+def _read_record(dest: Path) -> dict[str, Any]:
+    """What was recorded when ``dest`` was downloaded and verified (empty for files copied in by hand)."""
+    try:
+        record = json.loads(_record_path(dest).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _zip_problem(path: Path, check_crc: bool) -> str | None:
+    """Whether a PyTorch zip archive is complete (its central directory; with ``check_crc`` every member's CRC).
+    Files that are not zip archives (safetensors, legacy pickles) are not checked here."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip() if check_crc else None
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"it is not a complete zip archive ({exc})"
+    return f"its member {bad} fails its CRC check" if bad else None
+
+
+def _cheap_problems(path: Path, sha256: str | None, min_size: int, size: int | None,
+                    record: dict[str, Any]) -> list[str]:
+    """Reasons ``path`` is not a complete copy, from its size and zip directory (no full read)."""
+    n, problems = path.stat().st_size, []
+    if size is not None and n != size:
+        problems.append(f"it is {n} bytes, the registry records {size}")
+    elif n < min_size:
+        problems.append(f"it is {n} bytes, shorter than the {min_size} bytes of a complete file")
+    if record.get("size") not in (None, n):
+        problems.append(f"it is {n} bytes, but had {record['size']} when it was downloaded and verified")
+    if sha256 and record.get("sha256") not in (None, sha256.lower()):
+        problems.append(f"its recorded sha256 {record['sha256']} is not the expected {sha256}")
+    if (zip_problem := _zip_problem(path, check_crc=False)) is not None:
+        problems.append(zip_problem)
+    return problems
+
+
 def _download_locked(url: str, dest: Path, sha256: str | None, progress: bool | None, retries: int,
-                     timeout: float) -> None:
+                     timeout: float, sizes: tuple[int, int | None]) -> None:
     partial = _partial_path(dest)
     for attempt in range(retries + 1):
         try:
@@ -188,15 +249,21 @@ def _download_locked(url: str, dest: Path, sha256: str | None, progress: bool | 
                            "(and SSL_DISTILL_BASE_URL if you use a mirror).") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise _unreachable(url, dest, f"network error: {getattr(exc, 'reason', exc)}") from None
-    if sha256:
-        digest = sha256_file(partial)
-        if digest != sha256.lower():
-            partial.unlink()
-            raise HubError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {digest}. The download was "
-                           "deleted; try again, and check the mirror if SSL_DISTILL_BASE_URL is set.")
+    problems = _cheap_problems(partial, None, *sizes, {})
+    if not problems and (zip_problem := _zip_problem(partial, check_crc=True)) is not None:
+        problems.append(zip_problem)
+    digest = sha256_file(partial) if not problems else None
+    if sha256 and digest is not None and digest != sha256.lower():
+        problems.append(f"its sha256 is {digest}, expected {sha256}")
+    if problems:
+        partial.unlink()
+        raise HubError(f"the download of {url} fails verification ({'; '.join(problems)}). It was deleted, nothing "
+                       "was cached; try again, and check the mirror if SSL_DISTILL_BASE_URL is set.")
+    record = {"size": partial.stat().st_size, "sha256": digest, "url": url}
+    _record_path(dest).write_text(json.dumps(record) + "\n", encoding="utf-8")
     os.replace(partial, dest)
     _fsync_dir(dest.parent)
-    logger.info("downloaded %s to %s", url, dest)
+    logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, record["size"], digest)
 
 
 def download(name: str | ModelEntry, dest_dir: str | os.PathLike | None = None, *, progress: bool | None = None,
@@ -205,7 +272,8 @@ def download(name: str | ModelEntry, dest_dir: str | os.PathLike | None = None, 
     entry = get_model(name)
     url = entry.url(base_url)
     dest = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
-    return download_url(url, dest / str(entry.filename), entry.sha256, progress=progress)
+    return download_url(url, dest / str(entry.filename), entry.sha256, progress=progress, min_size=entry.min_size,
+                        size=entry.size)
 
 
 def resolve_weights(weights: str | os.PathLike, *, progress: bool | None = None) -> Path:

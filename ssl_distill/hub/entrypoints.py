@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssl_distill.hub.convert import load_file, unwrap_state_dict
 from ssl_distill.hub.download import download_url, resolve_weights, weights_dir
 from ssl_distill.hub.registry import HubError, get_linear_head, get_model
+from ssl_distill.hub.resolve import read_file, unwrap_state_dict
 
 BACKBONE_WEIGHTS = "LVD142M"  # dinov2.hub.backbones.Weights
 HEAD_WEIGHTS = "IMAGENET1K"  # dinov2.hub.classifiers.Weights
@@ -130,7 +130,7 @@ def load_linear_head(path: str | os.PathLike, layers: int, embed_dim: int) -> tu
     """Read a linear head file (official ``{weight (C, (1 + layers) D), bias (C,)}`` or the best head saved by
     ``ssl-distill eval-linear``) for a width-``embed_dim`` backbone; returns (head, avgpool, class names)."""
     path = Path(path)
-    obj = load_file(path)
+    obj = read_file(path)
     avgpool, classes = _head_layout(obj, layers, path)
     sd = unwrap_state_dict(obj, path)
     weight = sd.get("weight")
@@ -165,7 +165,8 @@ def classifier(name: str, *, layers: int = 4, pretrained: bool = True, weights: 
     if entry is None:
         path = resolve_weights(head_path, progress=progress)
     elif pretrained:
-        path = download_url(entry.url(), weights_dir() / entry.filename, entry.sha256, progress=progress)
+        path = download_url(entry.url(), weights_dir() / entry.filename, entry.sha256, progress=progress,
+                            min_size=entry.min_size, size=entry.size)
     else:  # architecture only, like the official pretrained=False: a freshly initialised head
         head = nn.Linear((1 + layers) * model.embed_dim, entry.num_classes)
         return LinearClassifier(model, head, layers).eval()

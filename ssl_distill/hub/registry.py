@@ -38,6 +38,7 @@ class ModelEntry:
         arch_kwargs: keyword arguments for the factory (patch size, image size, registers, ...).
         path: file path relative to the base URL (``{base}/{path}``); None = no downloadable weights.
         sha256: hex digest of the weights file; verified after download when known.
+        size: exact size of the weights file in bytes, when known (verified after download and in the cache).
         license: SPDX licence identifier of the weights.
         params: number of parameters of the backbone (checked against the architecture by the tests).
         knn_top1 / linear_top1: published ImageNet-1k top-1 (%) of frozen features, None if unpublished.
@@ -58,6 +59,13 @@ class ModelEntry:
     timm_name: str | None = None
     source: str = ""
     base_url: str = OFFICIAL_BASE_URL
+    size: int | None = None
+
+    @property
+    def min_size(self) -> int:
+        """Bytes a complete weights file has at least: its exact ``size`` when recorded, else the fp32 tensor data
+        of ``params`` parameters (the official files store fp32), which any truncated download falls short of."""
+        return self.size or 4 * self.params
 
     @property
     def num_register_tokens(self) -> int:
@@ -82,6 +90,10 @@ class ModelEntry:
 def _arch(**kw: Any) -> Mapping[str, Any]:
     return MappingProxyType(kw)
 
+
+# Width of each architecture (tests check it against the models), for the size of a linear head.
+EMBED_DIMS: Mapping[str, int] = MappingProxyType(
+    {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536})
 
 _DINOV2_SOURCE = "facebookresearch/dinov2 README (Oquab et al., 2023; Darcet et al., 2024)"
 
@@ -140,6 +152,7 @@ class LinearHeadEntry:
         layers: 1 or 4.
         path: file path relative to the base URL; ``$SSL_DISTILL_BASE_URL`` replaces the base as for backbones.
         sha256: hex digest of the file when known (the authors publish none).
+        size: exact size of the file in bytes, when known.
     """
 
     backbone: str
@@ -148,6 +161,13 @@ class LinearHeadEntry:
     num_classes: int = 1000
     sha256: str | None = None
     base_url: str = OFFICIAL_BASE_URL
+    size: int | None = None
+
+    @property
+    def min_size(self) -> int:
+        """Bytes a complete head file has at least: ``size`` when recorded, else its fp32 weight and bias."""
+        width = EMBED_DIMS[get_model(self.backbone).arch]
+        return self.size or 4 * ((1 + self.layers) * width + 1) * self.num_classes
 
     @property
     def name(self) -> str:

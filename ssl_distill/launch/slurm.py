@@ -25,6 +25,8 @@ Output directory layout (``DIR``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -242,10 +244,15 @@ def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
     executor.update_parameters(**executor_parameters(args))
     job_fn = SlurmCommand(args.command, list(command_args), args.max_requeues,
                           backend="gloo" if args.gpus_per_node == 0 else None)
+    echoed = io.StringIO()  # submitit prints sbatch's stderr itself before raising; the message below has it once
     try:
-        return executor.submit(job_fn)
+        with contextlib.redirect_stderr(echoed):
+            return executor.submit(job_fn)
     except FailedJobError as exc:  # sbatch's stderr, e.g. an unknown partition or too long a time limit
-        raise SubmitError(f"sbatch refused the job: {exc}") from None
+        reason = " ".join(str(exc).split()) or echoed.getvalue().strip() or "no message"
+        raise SubmitError(f"sbatch refused the job: {reason}. Check the partition / account / time limit flags, "
+                          "and that this machine can reach the Slurm controller (`sinfo` works). "
+                          + _RUN_LOCALLY) from None
 
 
 def describe_submission(job: Any, args: argparse.Namespace) -> str:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from ssl_distill.models.build import BACKBONE_NAMES, backbone_from_config, backbone_kwargs, build_backbone
 from ssl_distill.models.heads import DINOHead, WeightNormLinear
 from ssl_distill.models.vit import (
-    BACKBONE_NAMES,
     VisionTransformer,
-    build_backbone,
     vit_base,
     vit_giant2,
     vit_large,
@@ -19,6 +18,8 @@ __all__ = [
     "DINOHead",
     "VisionTransformer",
     "WeightNormLinear",
+    "backbone_from_config",
+    "backbone_kwargs",
     "build_backbone",
     "vit_base",
     "vit_giant2",

@@ -388,15 +388,3 @@ def vit_giant2(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-g/2 (DINOv2): width 1536, depth 40, 24 heads (64 per head); DINOv2 trains it with
     ``ffn_layer="swiglufused"``."""
     return _vit(patch_size, kwargs, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0)
-
-
-BACKBONE_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
-
-
-def build_backbone(name: str, **kwargs: Any) -> VisionTransformer:
-    """Backbone by factory name (one of :data:`BACKBONE_NAMES`), forwarding ``kwargs`` to the factory."""
-    factories = {"vit_tiny": vit_tiny, "vit_small": vit_small, "vit_base": vit_base, "vit_large": vit_large,
-                 "vit_giant2": vit_giant2}
-    if name not in factories:
-        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(BACKBONE_NAMES)}")
-    return factories[name](**kwargs)

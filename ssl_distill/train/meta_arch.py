@@ -24,24 +24,10 @@ from torch import Tensor, nn
 
 from ssl_distill import distributed
 from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from ssl_distill.models import DINOHead, build_backbone
+from ssl_distill.models import DINOHead, backbone_from_config
 from ssl_distill.models.stochastic_depth import sample_keys
 
 N_GLOBAL_CROPS = 2
-
-
-def backbone_kwargs(cfg: DictConfig, student: bool = True) -> dict[str, Any]:
-    """Constructor arguments of the backbone described by ``cfg.student`` (teacher: no stochastic depth)."""
-    s = cfg.student
-    kwargs = dict(
-        patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, init_values=s.layerscale or None,
-        ffn_layer=s.ffn_layer, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,
-        num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset, attn_impl=s.attn_impl,
-    )
-    if student:
-        kwargs.update(drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform)
-    return kwargs
 
 
 def _head(section: DictConfig, in_dim: int) -> DINOHead:
@@ -95,7 +81,7 @@ class SSLMetaArch(nn.Module):
         self.autocast_dtype: torch.dtype | None = None
 
     def _build(self, cfg: DictConfig, student: bool) -> nn.ModuleDict:
-        backbone = build_backbone(cfg.student.arch, **backbone_kwargs(cfg, student))
+        backbone = backbone_from_config(cfg, stochastic_depth=student)
         parts = {"backbone": backbone, "dino_head": _head(cfg.dino, backbone.embed_dim)}
         if self.do_ibot and self.ibot_separate_head:
             parts["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)

@@ -7,7 +7,6 @@ Enabled by ``evaluation.knn_train_dataset`` + ``evaluation.knn_val_dataset`` and
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -16,7 +15,7 @@ from torch import nn
 from ssl_distill.eval.data import load_labelled_datasets
 from ssl_distill.eval.knn import backbone_knn_top1
 from ssl_distill.eval.transforms import make_eval_transform
-from ssl_distill.models import build_backbone
+from ssl_distill.models import backbone_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +23,7 @@ logger = logging.getLogger(__name__)
 class KnnMonitor:
     """Holds the two datasets; ``monitor(teacher_backbone, device)`` returns ``{"knn_top1_k10": ..., ...}``."""
 
-    def __init__(self, cfg: DictConfig, backbone_kwargs: dict[str, Any]) -> None:
+    def __init__(self, cfg: DictConfig) -> None:
         ev = cfg.evaluation
         transform = make_eval_transform(cfg.crops.global_crops_size)
         self.train, self.val = load_labelled_datasets(
@@ -32,7 +31,7 @@ class KnnMonitor:
         )
         self.ks = [int(k) for k in ev.knn_nb]
         self.temperature = float(ev.knn_temperature)
-        self.arch, self.backbone_kwargs = cfg.student.arch, backbone_kwargs
+        self.cfg = cfg
         self.batch_size = max(32, cfg.train.batch_size_per_gpu)
 
     @staticmethod
@@ -44,7 +43,7 @@ class KnnMonitor:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True))
-        plain = build_backbone(self.arch, **self.backbone_kwargs).to(device)
+        plain = backbone_from_config(self.cfg).to(device)
         plain.load_state_dict(state)
         return plain
 

@@ -27,16 +27,6 @@ from ssl_distill.train.meta_arch import SSLMetaArch
 logger = logging.getLogger(__name__)
 
 
-def resolve_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
-    """``train.device``: auto -> this rank's CUDA device when available, else CPU."""
-    want = cfg.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu (or auto).")
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
-
-
 def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype | None:
     """Autocast dtype from ``train.precision`` (None = fp32, no autocast). CPU stays fp32 under ``auto``."""
     p = cfg.train.precision

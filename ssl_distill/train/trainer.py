@@ -24,11 +24,17 @@ from omegaconf import DictConfig
 
 from ssl_distill import distributed
 from ssl_distill.config import config_to_yaml, save_config
-from ssl_distill.data import InfiniteSampler, MaskingGenerator, MultiCropAugmentation, build_image_dataset
+from ssl_distill.data import (
+    ImageDataset,
+    InfiniteSampler,
+    MaskingGenerator,
+    MultiCropAugmentation,
+    build_image_dataset,
+)
 from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
-from ssl_distill.train.meta_arch import SSLMetaArch, backbone_kwargs
+from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
@@ -36,7 +42,6 @@ from ssl_distill.train.run_lock import RunLock, RunLockedError
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.state import (
     gather_state,
-    resolve_device,
     resolve_precision,
     restore_state,
     wrap_for_distributed,
@@ -80,11 +85,15 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_train_loader(cfg: DictConfig, start_position: int, pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Seeded multi-crop samples from ``train.dataset_path``, this rank's share, from ``start_position`` on."""
-    dataset = build_image_dataset(
-        cfg.train.dataset_path, bad_image_policy=cfg.train.bad_image_policy, return_broken_flag=True
-    )
+def build_train_dataset(cfg: DictConfig) -> ImageDataset:
+    """The images of ``train.dataset_path`` (checked before anything else is built, so a wrong path fails fast)."""
+    return build_image_dataset(cfg.train.dataset_path, bad_image_policy=cfg.train.bad_image_policy,
+                               return_broken_flag=True)
+
+
+def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: int,
+                       pin_memory: bool) -> torch.utils.data.DataLoader:
+    """Seeded multi-crop samples of ``dataset``, this rank's share, from global ``start_position`` on."""
     c = cfg.crops
     augmentation = MultiCropAugmentation(
         tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
@@ -124,7 +133,8 @@ class Trainer:
             raise
 
     def _build(self, cfg: DictConfig, resume: bool) -> None:
-        self.device = resolve_device(cfg, self.env.local_rank)
+        self.dataset = build_train_dataset(cfg)
+        self.device = distributed.resolve_device(cfg.train.device, self.env.local_rank)
         apply_scaling_rules(cfg, self.world)
         cfg.train.output_dir = str(self.output_dir)
         self.cfg = cfg
@@ -142,7 +152,7 @@ class Trainer:
             groups += param_groups(module, cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult, name == "backbone")
         self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
         self.schedules = build_schedules(cfg)
-        self.monitor = KnnMonitor(cfg, backbone_kwargs(cfg, student=False)) if KnnMonitor.enabled(cfg) else None
+        self.monitor = KnnMonitor(cfg) if KnnMonitor.enabled(cfg) else None
         self.last_checkpoint: Path | None = None
         self.start_iter = self._maybe_resume(resume)
         if distributed.is_main_process():
@@ -244,7 +254,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        loader = build_train_loader(cfg, self.start_iter * self.global_batch, self.device.type == "cuda")
+        loader = build_train_loader(cfg, self.dataset, self.start_iter * self.global_batch, self.device.type == "cuda")
         metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
         data_iter = iter(loader)
         it, broken, window_start, data_time = self.start_iter, 0, time.perf_counter(), 0.0

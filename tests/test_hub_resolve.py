@@ -1,4 +1,5 @@
-"""--pretrained-weights resolution: our checkpoints, exported/official state dicts, strict-load diagnostics."""
+"""hub.resolve: weights arguments (our checkpoints, exported / official state dicts, zoo names, random) to
+backbones, with strict-load diagnostics."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 
 from ssl_distill.config import config_to_yaml, load_config
-from ssl_distill.eval.weights import WeightsError, backbone_from_config, load_pretrained_backbone
+from ssl_distill.hub import HubError as WeightsError
+from ssl_distill.hub import resolve_backbone as load_pretrained_backbone
+from ssl_distill.models import backbone_from_config
 from ssl_distill.train.checkpoint import export_backbone, save_checkpoint
 
 TINY = "configs/tiny_cpu.yaml"
