@@ -108,7 +108,7 @@ else
 fi
 
 # --- 2. train step: ours vs lightly + timm, and our variants
-ts=(benchmarks/train_step.py --out-dir "$WORK" --patch-size 14 --local-size 98 --precision bf16 --warmup 1)
+ts=(benchmarks/train_step.py --out-dir "$WORK" --patch-size 14 --local-size 98 --precision bf16 --warmup 2)
 large_variants=(default math no_packed checkpointing)
 [ "$XF" = 1 ] && large_variants=(default sdpa xformers math no_packed checkpointing)
 if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU, same scripts and options otherwise

@@ -55,7 +55,7 @@ def torch_info() -> dict[str, Any]:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_gib=props.total_memory / 2**30,
                     multiprocessors=props.multi_processor_count, bf16=torch.cuda.is_bf16_supported(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    nccl=str(torch.cuda.nccl.version()))
         b = torch.backends.cuda
         info["sdpa_enabled"] = {"flash": b.flash_sdp_enabled(), "efficient": b.mem_efficient_sdp_enabled(),
                                 "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}

@@ -11,10 +11,14 @@ CPU (defaults, a few minutes)::
 
     .venv/bin/python benchmarks/train_step.py --arch vit_small vit_base
 
-GPU (the variants of our step)::
+GPU (the variants of our step; ``benchmarks/gpu_check.sh`` runs ViT-S/B/L/14 this way, each time-boxed)::
 
-    python benchmarks/train_step.py --device cuda --arch vit_large --patch-size 14 --batch 32 \\
-        --variants default no_packed math sdpa xformers compile checkpointing
+    python benchmarks/train_step.py --device cuda --arch vit_large --patch-size 14 --local-size 98 --batch 32 \\
+        --variants default no_packed math sdpa xformers checkpointing --budget-s 60
+
+Models are built directly on the device. ``compile`` and ``checkpointing`` are credited with the default variant's
+model FLOPs (MFU counts recomputation as overhead; the counter cannot see into compiled code). Without lightly
+(``--no-baseline``, or not installed) only our variants are timed and ``speedup`` is empty.
 
 Writes ``benchmarks/results/train_step_<device>.json``. Needs ``pip install -e '.[bench]'``.
 """
@@ -255,7 +259,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    peak = matmul_peak_flops(device, torch.bfloat16 if amp else torch.float32)
+    # best of 20 on a GPU: the first products run while its clocks ramp up
+    peak = matmul_peak_flops(device, torch.bfloat16 if amp else torch.float32,
+                             repeats=20 if device.type == "cuda" else 5)
     print(f"device {device}, {precision}, measured matmul peak {peak / 1e9:.1f} GFLOP/s, batch {args.batch} x "
           f"(2 x {args.global_size}px + {args.local_crops} x {args.local_size}px)", flush=True)
     rows = []
