@@ -86,12 +86,14 @@ export PY
 shopt -s nullglob
 wheels=(.gpu-wheels/*.whl)
 optional=(.gpu-wheels/optional/*.whl)
-step wheels 30 "${#wheels[@]} wheels: ${wheels[*]##*/}" bash -c 'install_wheels "$@"' _ "$SITE" "${wheels[@]}"
+step wheels 30 "${#wheels[@]} wheels: ${wheels[*]##*/}" \
+  bash -c 'install_wheels "$@"' _ "$SITE" ${wheels[@]+"${wheels[@]}"}
 
 if [ "$DRY" = 1 ]; then
   step env 30 "dry run: no xFormers probe" "$PY" benchmarks/gpu_env.py --out "$WORK/env.json"
 else
-  step xformers_wheel 15 "${optional[*]##*/}" bash -c 'install_wheels "$@"' _ "$XSITE" "${optional[@]}"
+  step xformers_wheel 15 "${optional[*]##*/}" \
+    bash -c 'install_wheels "$@"' _ "$XSITE" ${optional[@]+"${optional[@]}"}
   step env 40 "" "$PY" benchmarks/gpu_env.py --out "$WORK/env.json" --probe-xformers "$XSITE"
 fi
 XF=0
@@ -131,10 +133,12 @@ step_json=("$WORK"/train_step_*.json)
 if [ "$DRY" = 1 ]; then
   step data_loader 300 "dry: 0 and 2 workers, tiny crops" "$PY" benchmarks/data_loader.py --device cpu \
     --workers 0 2 --batch 4 --patch-size 8 --global-size 32 --local-size 16 --local-crops 2 --images 16 \
-    --image-size 64 48 --warmup-s 0.5 --seconds 1 --out-dir "$WORK" --step-json "${step_json[@]}"
+    --image-size 64 48 --warmup-s 0.5 --seconds 1 --out-dir "$WORK" \
+    --step-json ${step_json[@]+"${step_json[@]}"}
 else
   step data_loader 45 "batch 64, 2 x 224 + 8 x 98" "$PY" benchmarks/data_loader.py --device cuda \
-    --workers 4 8 12 --batch 64 --warmup-s 2 --seconds 7 --out-dir "$WORK" --step-json "${step_json[@]}"
+    --workers 4 8 12 --batch 64 --warmup-s 2 --seconds 7 --out-dir "$WORK" \
+    --step-json ${step_json[@]+"${step_json[@]}"}
 fi
 
 # --- 2b. last, as the longest and least predictable: torch.compile per block vs eager (its first compilation

@@ -57,8 +57,8 @@ def torch_info() -> dict[str, Any]:
                     multiprocessors=props.multi_processor_count, bf16=torch.cuda.is_bf16_supported(),
                     nccl=str(torch.cuda.nccl.version()))
         b = torch.backends.cuda
-        info["sdpa_enabled"] = {"flash": b.flash_sdp_enabled(), "efficient": b.mem_efficient_sdp_enabled(),
-                                "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}
+        info["sdpa_enabled"] = {name: getattr(b, f"{fn}_sdp_enabled", lambda: None)() for name, fn in (
+            ("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn"), ("math", "math"))}
     return info
 
 
