@@ -8,7 +8,20 @@ STAMP := $(VENV)/.ssl_distill_installed
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install lint clean
+# `make gpu-wheels`: the wheels the GPU machine lacks (Python 3.12, torch 2.11 + CUDA 13, no network), for
+# benchmarks/gpu_check.sh, which installs them into a temporary --target there (pass `.gpu-wheels` to the device tool's
+# carry). All pure Python: omegaconf 2.4 vendors its ANTLR runtime (antlr4-python3-runtime 4.9.3, which omegaconf 2.3
+# needs, exists only as an sdist); lightly's modules that the baseline imports need none of lightly's requirements
+# (hydra-core, pytorch_lightning), and the GPU machine has timm. fvcore is not used. Optional, tried by the check and
+# used only if it runs there: xFormers 0.0.35, the one release for torch >= 2.10 (stable ABI); its kernels are built
+# for CUDA 12 (libcudart.so.12), so on torch's CUDA 13 build it may fall back to PyTorch's kernels or not run.
+GPU_WHEELS ?= omegaconf==2.4.0 submitit==1.5.4 lightly==1.6.0
+GPU_OPTIONAL_WHEELS ?= xformers==0.0.35
+GPU_WHEEL_DIR ?= .gpu-wheels
+GPU_PIP := -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+
+.PHONY: demo test install lint clean gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +41,12 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check ssl_distill tests tools benchmarks
+
+gpu-wheels:
+	rm -rf $(GPU_WHEEL_DIR)
+	$(PYTHON) $(GPU_PIP) -d $(GPU_WHEEL_DIR) $(GPU_WHEELS)
+	$(PYTHON) $(GPU_PIP) -d $(GPU_WHEEL_DIR)/optional $(GPU_OPTIONAL_WHEELS)
+	@du -ah $(GPU_WHEEL_DIR) | sort -k2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

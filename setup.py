@@ -14,7 +14,6 @@ INSTALL_REQUIRES = [
     "timm>=1.0",
     "omegaconf>=2.3",
     "submitit>=1.5",
-    "fvcore>=0.1.5",
     "numpy>=1.24",
     "pillow>=9.0",
     # SIMD colour jitter and Gaussian blur on uint8 crops (ssl_distill/data/augment.py); headless = no GUI

@@ -85,12 +85,17 @@ class PeakMemory:
 
 
 def time_alternating(
-    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1
+    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device, warmup: int = 1,
+    deadline: float | None = None,
 ) -> dict[str, list[float]]:
     """Seconds per call of every function in ``fns``, run in turn (a, b, a, b, ...) ``repeats`` times after
-    ``warmup`` untimed rounds. Returns the list of times per name."""
+    ``warmup`` untimed rounds. Returns the list of times per name.
+
+    ``deadline`` (a ``time.perf_counter()`` value): after the first timed round, stop early when another round
+    would end past it, so a time-boxed run still reports the rounds it finished."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(warmup + repeats):
+        round_start = time.perf_counter()
         for name, fn in fns.items():
             sync(device)
             t0 = time.perf_counter()
@@ -98,6 +103,9 @@ def time_alternating(
             sync(device)
             if r >= warmup:
                 times[name].append(time.perf_counter() - t0)
+        now = time.perf_counter()
+        if deadline is not None and r >= warmup and now + (now - round_start) > deadline:
+            break
     return times
 
 

@@ -11,10 +11,14 @@ CPU (defaults, a few minutes)::
 
     .venv/bin/python benchmarks/train_step.py --arch vit_small vit_base
 
-GPU (the variants of our step)::
+GPU (the variants of our step; ``benchmarks/gpu_check.sh`` runs ViT-S/B/L/14 this way, each time-boxed)::
 
-    python benchmarks/train_step.py --device cuda --arch vit_large --patch-size 14 --batch 32 \\
-        --variants default no_packed math sdpa xformers compile checkpointing
+    python benchmarks/train_step.py --device cuda --arch vit_large --patch-size 14 --local-size 98 --batch 32 \\
+        --variants default no_packed math sdpa xformers checkpointing --budget-s 60
+
+Models are built directly on the device. ``compile`` and ``checkpointing`` are credited with the default variant's
+model FLOPs (MFU counts recomputation as overhead; the counter cannot see into compiled code). Without lightly
+(``--no-baseline``, or not installed) only our variants are timed and ``speedup`` is empty.
 
 Writes ``benchmarks/results/train_step_<device>.json``. Needs ``pip install -e '.[bench]'``.
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +50,7 @@ from lightly_baseline import LightlyDINOv2  # noqa: E402
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.data.collate import collate_data_and_cast  # noqa: E402
 from ssl_distill.data.masking import MaskingGenerator  # noqa: E402
+from ssl_distill.models.attention import resolve_attn_impl  # noqa: E402
 from ssl_distill.train.meta_arch import SSLMetaArch  # noqa: E402
 from ssl_distill.train.optim import build_optimizer, param_groups  # noqa: E402
 
@@ -144,19 +150,49 @@ def count_flops(step: Any, batch: dict[str, Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def build_steps(args: argparse.Namespace, arch: str, device: torch.device,
+                amp: torch.dtype | None) -> tuple[dict[str, Any], str | None]:
+    """The baseline (unless ``--no-baseline`` or lightly is missing: then the reason) and our variants, each built
+    directly on ``device`` from the same seed."""
+    steps: dict[str, Any] = {}
+    baseline_missing = "--no-baseline" if args.no_baseline else None
+    if not args.no_baseline:
+        try:
+            import lightly  # noqa: F401
+        except ImportError as err:
+            baseline_missing = f"lightly is not installed ({err})"
+    with torch.device(device):
+        if baseline_missing is None:
+            torch.manual_seed(0)
+            steps["lightly+timm"] = BaselineStep(make_config(args, arch), device, amp)
+        for name in args.variants:
+            torch.manual_seed(0)
+            steps[f"ours/{name}"] = OursStep(make_config(args, arch), device, amp, VARIANTS[name])
+    return steps, baseline_missing
+
+
+def model_flops(steps: dict[str, Any], batch: dict[str, Any]) -> dict[str, int]:
+    """FLOPs of one step per implementation, counted in eager mode. The ``compile`` and ``checkpointing`` variants do
+    the default's model work (the counter cannot see into compiled code, and MFU counts recomputation as overhead,
+    not work), so they get the default's count."""
+    flops = {name: count_flops(step, batch) for name, step in steps.items()
+             if name.split("/")[-1] not in ("compile", "checkpointing")}
+    for name in steps:
+        if name not in flops:
+            flops[name] = flops["ours/default"]
+    return flops
+
+
 def bench_arch(args: argparse.Namespace, arch: str, device: torch.device, amp: torch.dtype | None,
-               peak: float) -> list[dict[str, Any]]:
+               peak: float, deadline: float | None = None) -> list[dict[str, Any]]:
     """Baseline and every requested variant of our step for one architecture; rows of the result table."""
-    cfg = make_config(args, arch)
     batch = make_batch(args)
-    torch.manual_seed(0)
-    steps: dict[str, Any] = {"lightly+timm": BaselineStep(cfg, device, amp)}
-    for name in args.variants:
-        torch.manual_seed(0)
-        steps[f"ours/{name}"] = OursStep(make_config(args, arch), device, amp, VARIANTS[name])
-    flops = {name: count_flops(step, batch) for name, step in steps.items()}
+    steps, baseline_missing = build_steps(args, arch, device, amp)
+    t0 = time.perf_counter()
+    flops = model_flops(steps, batch)
+    one_round = time.perf_counter() - t0  # about one step of each: kept back for the peak-memory pass
     times = time_alternating({n: (lambda s=s: s(batch)) for n, s in steps.items()}, args.repeats, device,
-                             warmup=args.warmup)
+                             warmup=args.warmup, deadline=None if deadline is None else deadline - one_round)
     mem = {}
     for name, step in steps.items():
         gc.collect()
@@ -164,14 +200,16 @@ def bench_arch(args: argparse.Namespace, arch: str, device: torch.device, amp: t
             step(batch)
         mem[name] = pm.peak
     n_images = args.batch  # images per step (each with 2 + n local crops)
-    base_t = median(times["lightly+timm"])
+    base_t = median(times["lightly+timm"]) if "lightly+timm" in times else None
+    attn = resolve_attn_impl("auto", torch.empty(0, device=device))
     rows = []
     for name in steps:
         t = median(times[name])
         rows.append({
-            "arch": arch, "impl": name, "step_s": t, "img_per_s": n_images / t, "speedup": base_t / t,
-            "gflop_per_step": flops[name] / 1e9, "tflops": flops[name] / t / 1e12, "mfu": flops[name] / t / peak,
-            "peak_mem_gib": mem[name] / 2**30, "times_s": times[name],
+            "arch": arch, "impl": name, "step_s": t, "img_per_s": n_images / t,
+            "speedup": base_t / t if base_t else None, "gflop_per_step": flops[name] / 1e9,
+            "tflops": flops[name] / t / 1e12, "mfu": flops[name] / t / peak, "peak_mem_gib": mem[name] / 2**30,
+            "times_s": times[name], "auto_attention": attn, "baseline_missing": baseline_missing,
         })
     del steps
     gc.collect()
@@ -201,11 +239,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--no-baseline", action="store_true", help="time our variants only (no lightly + timm step)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="time box of the whole run: the timed rounds stop early (after at least one) to end in it")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
+    if "compile" in args.variants and "default" not in args.variants:
+        args.variants = ["default", *args.variants]  # the compiled step's FLOPs are the default's (model_flops)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,12 +259,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    peak = matmul_peak_flops(device, torch.bfloat16 if amp else torch.float32)
+    # best of 20 on a GPU: the first products run while its clocks ramp up
+    peak = matmul_peak_flops(device, torch.bfloat16 if amp else torch.float32,
+                             repeats=20 if device.type == "cuda" else 5)
     print(f"device {device}, {precision}, measured matmul peak {peak / 1e9:.1f} GFLOP/s, batch {args.batch} x "
           f"(2 x {args.global_size}px + {args.local_crops} x {args.local_size}px)", flush=True)
     rows = []
     for arch in args.arch:
-        rows += bench_arch(args, arch, device, amp, peak)
+        rows += bench_arch(args, arch, device, amp, peak, deadline)
     print_table(rows, ["arch", "impl", "step_s", "img_per_s", "speedup", "gflop_per_step", "mfu", "peak_mem_gib"])
     name = f"train_step_{device.type}" + (f"_{args.tag}" if args.tag else "")
     write_json(name, {"args": vars(args), "precision": precision, "matmul_peak_flops": peak, "rows": rows},

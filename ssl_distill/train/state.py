@@ -36,8 +36,11 @@ def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype | No
 
 
 def wrap_for_distributed(meta: SSLMetaArch, cfg: DictConfig, device: torch.device) -> None:
-    """DDP wrappers for the student's parts, or FSDP2 ``fully_shard`` of student and teacher (per block)."""
-    if distributed.get_world_size() == 1:
+    """DDP wrappers for the student's parts, or FSDP2 ``fully_shard`` of student and teacher (per block).
+
+    Wraps whenever a process group is initialised, also a single-process one (how the CUDA tests compare FSDP2
+    with DDP on one GPU); a plain single-process run has none and stays unwrapped."""
+    if not distributed.is_enabled():
         return
     import torch.distributed as dist
 
