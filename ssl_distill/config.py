@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,22 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the key and the fix."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with a one-line description that advises (``ssl-distill config`` prints it beside the
+    value). List defaults are copied per instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def field_help(section: type, name: str) -> str:
+    """The description of ``section.name`` (empty when it has none)."""
+    for f in fields(section):
+        if f.name == name:
+            return str(f.metadata.get("help", ""))
+    raise KeyError(name)
 
 
 @dataclass
