@@ -35,6 +35,8 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 SHARDINGS = ("ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MODES = ("pretrain", "distill")
+DISTILL_RECIPES = ("auto", "heads", "features")
 
 
 class ConfigError(ValueError):
@@ -95,6 +97,8 @@ class TrainConfig:
     checkpoint_period: int = 1000  # iterations between checkpoints (one is also written at the end)
     keep_last_checkpoints: int = 3
     log_period: int = 10  # iterations between metric lines
+    mode: str = opt("pretrain", "pretrain: self-distillation from an EMA teacher (the DINOv2 recipe); distill: learn "
+                                "from a frozen pretrained teacher (distill.*), e.g. to make a small fast model")
 
 
 @dataclass
@@ -104,7 +108,11 @@ class StudentConfig:
     drop_path_rate: float = 0.3
     layerscale: float = 1.0e-05
     drop_path_uniform: bool = True
-    pretrained_weights: str = ""
+    pretrained_weights: str = opt("", "start the student (and its EMA teacher) from these weights: a zoo name "
+                                      "(dinov2_vits14), a URL, an official/timm/HF file, an exported backbone or a "
+                                      "training checkpoint; the student.* architecture must match them")
+    pretrained_heads: bool = opt(False, "with student.pretrained_weights = one of our training checkpoints, also take "
+                                        "its DINO/iBOT heads and loss centres (else the heads start fresh)")
     ffn_layer: str = "mlp"
     qkv_bias: bool = True
     proj_bias: bool = True
@@ -135,6 +143,8 @@ class OptimConfig:
     min_lr: float = 1.0e-06
     clip_grad: float = 3.0
     freeze_last_layer_epochs: int = 1
+    freeze_backbone_epochs: int = opt(0, "keep the student backbone fixed (lr 0) for this many epochs while fresh "
+                                         "heads warm up on pretrained features; 1-2 epochs when heads start fresh")
     scaling_rule: str = "sqrt_wrt_1024"
     patch_embed_lr_mult: float = 0.2
     layerwise_decay: float = 0.9
@@ -149,6 +159,25 @@ class CropsConfig:
     local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
     global_crops_size: int = 224
     local_crops_size: int = 96
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (``train.mode=distill``)."""
+
+    teacher_weights: str = opt("", "the frozen teacher: a zoo name (dinov2_vitb14), a URL, an official/timm/HF file, "
+                                   "an exported backbone or one of our training checkpoints (then its heads come too)")
+    teacher_config: str = opt("", "YAML whose student.* section describes the teacher's architecture, for a plain "
+                                  "state dict (zoo names and our checkpoints carry their own)")
+    teacher_overrides: list[str] = opt([], "dotlist overrides of the teacher's architecture, e.g. "
+                                           "['student.arch=vit_base', 'student.patch_size=14']")
+    recipe: str = opt("auto", "heads: the DINOv2-paper recipe (needs a teacher checkpoint with its DINO/iBOT heads); "
+                              "features: match the teacher's normalised CLS and patch tokens; auto: heads when "
+                              "the teacher has them")
+    cls_loss_weight: float = opt(1.0, "features recipe: weight of the CLS-token cosine loss")
+    patch_loss_weight: float = opt(1.0, "features recipe: weight of the patch-token cosine loss")
+    resize_patch_tokens: bool = opt(True, "when teacher and student patch sizes differ, resample the teacher's patch "
+                                          "tokens onto the student's grid (false: a patch-size mismatch is an error)")
 
 
 @dataclass
@@ -172,6 +201,7 @@ class SSLConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def default_config() -> DictConfig:
@@ -308,6 +338,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check_choice(cfg, "train.sharding", SHARDINGS)
     _check_choice(cfg, "train.device", DEVICES)
     _check_choice(cfg, "train.precision", PRECISIONS)
+    _check_choice(cfg, "train.mode", MODES)
+    _check_choice(cfg, "distill.recipe", DISTILL_RECIPES)
     for key in ("student.patch_size", "train.batch_size_per_gpu", "train.iters_per_epoch", "optim.epochs",
                 "train.checkpoint_period", "train.log_period",
                 "crops.global_crops_size", "crops.local_crops_size", "dino.head_n_prototypes",
@@ -317,6 +349,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("train.num_workers", "train.keep_last_checkpoints", "crops.local_crops_number",
                 "student.num_register_tokens",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs",
+                "optim.freeze_backbone_epochs", "distill.cls_loss_weight", "distill.patch_loss_weight",
                 "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.min_lr",
                 "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "student.layerscale"):
         _check_range(cfg, key, 0)
@@ -348,6 +381,22 @@ def validate_config(cfg: DictConfig) -> None:
         f"{cfg.optim.warmup_epochs} warm-up epochs exceed optim.epochs={cfg.optim.epochs}; lower it.",
     )
     _check_crop_sizes(cfg)
+    _check_modes(cfg)
+
+
+def _check_modes(cfg: DictConfig) -> None:
+    _require(
+        cfg.optim.freeze_backbone_epochs <= cfg.optim.epochs, "optim.freeze_backbone_epochs",
+        f"{cfg.optim.freeze_backbone_epochs} epochs exceed optim.epochs={cfg.optim.epochs}; lower it.",
+    )
+    _require(not cfg.student.pretrained_heads or bool(cfg.student.pretrained_weights), "student.pretrained_heads",
+             "it takes the heads of student.pretrained_weights, which is empty; set both or neither.")
+    if cfg.train.mode == "distill":
+        _require(bool(cfg.distill.teacher_weights), "distill.teacher_weights",
+                 "train.mode=distill needs a teacher: a zoo name (dinov2_vitb14), a weights file or a checkpoint.")
+    elif cfg.distill.teacher_weights:
+        raise ConfigError("Invalid config value for 'distill.teacher_weights': it is set but train.mode=pretrain "
+                          "ignores it; add train.mode=distill, or leave distill.teacher_weights empty.")
 
 
 def _check_crop_sizes(cfg: DictConfig) -> None:

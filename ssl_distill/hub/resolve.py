@@ -102,6 +102,19 @@ def local_weights_path(weights: str | os.PathLike, progress: bool | None = None)
     return resolve_weights(weights, progress=progress)
 
 
+def weights_file(spec: str, progress: bool | None = None) -> tuple[Path, Any]:
+    """A local file for a weights argument, and the zoo entry when ``spec`` is a model-zoo name (else None).
+
+    Zoo names are downloaded and verified into the cache; URLs downloaded; paths must exist."""
+    if looks_like_a_path(spec):
+        return local_weights_path(spec, progress), None
+    from ssl_distill.hub.download import download
+    from ssl_distill.hub.registry import get_model
+
+    entry = get_model(spec)  # unknown names: HubError with suggestions
+    return download(entry, progress=progress), entry
+
+
 # ------------------------------------------------------------------------------------------ strict loading
 def _count_blocks(keys: Any) -> int:
     ids = {int(k.split(".")[1]) for k in keys if k.startswith("blocks.") and k.split(".")[1].isdigit()}
@@ -202,14 +215,15 @@ def looks_like_a_path(weights: str) -> bool:
 
 
 def resolve_backbone(weights: str, config_file: str | None = None, overrides: Sequence[str] = (),
-                     seed: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+                     seed: int | None = None, keep_file: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``weights`` (see the module docstring) -> ``(backbone in eval mode, info)``.
 
     The architecture comes from the zoo entry for a name, else from ``config_file`` + ``overrides``, else from a
     training checkpoint's stored config (+ ``overrides``). ``seed`` seeds the ``random`` baseline (default: the
     config's ``train.seed``); the caller's RNG is untouched. ``info``: ``source`` (``random`` / ``checkpoint`` /
     ``state_dict`` / ``zoo``), ``weights_hash`` (sha256 of the loaded state dict, for feature caches) and, for
-    files, ``path``.
+    files, ``path`` — with ``keep_file`` also the loaded ``file`` object (e.g. a training checkpoint's heads and
+    loss centres, read once) and the ``config`` the architecture came from.
     """
     from ssl_distill.models import backbone_from_config
 
@@ -222,11 +236,14 @@ def resolve_backbone(weights: str, config_file: str | None = None, overrides: Se
         info: dict[str, Any] = {"source": "random", "seed": seed}
     elif looks_like_a_path(weights):
         path = local_weights_path(weights)
-        sd, stored = read_backbone_weights(path)
+        obj = read_file(path)
+        stored = obj.get("config") if is_training_checkpoint(obj) else None
         cfg = _config(config_file, overrides, stored_yaml=stored)
         model = backbone_from_config(cfg)
-        load_strict(model, sd, f"'{path}'")
+        load_strict(model, to_dinov2(unwrap_state_dict(obj, path)), f"'{path}'")
         info = {"source": "checkpoint" if stored is not None else "state_dict", "path": str(path)}
+        if keep_file:
+            info.update(file=obj, config=cfg)
     else:
         if config_file or overrides:
             logger.warning("model-zoo weights '%s': the architecture comes from the zoo entry; the config file and "

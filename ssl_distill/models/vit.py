@@ -7,18 +7,17 @@ register tokens (Darcet et al., 2024), LayerScale, bicubic position-embedding in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
 from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed
 from ssl_distill.models.packing import concat_keys, pack_tokens, selected_token_rows, unpack_tokens
+from ssl_distill.models.resample import interpolate_pos_embed
 
 FeatureDict = dict[str, Any]
 
@@ -120,36 +119,12 @@ class VisionTransformer(nn.Module):
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:
         """Position embedding ``(1, 1 + N, D)`` for tokens ``x`` ``(B, 1 + N, D)`` of an image with ``w`` rows and
-        ``h`` columns of pixels (DINOv2 naming), bicubically resampled from the learned square grid."""
-        previous_dtype = x.dtype
-        npatch = x.shape[1] - 1
-        N = self.pos_embed.shape[1] - 1
-        if npatch == N and w == h:
+        ``h`` columns of pixels (DINOv2 naming), bicubically resampled from the learned square grid
+        (:func:`~ssl_distill.models.resample.interpolate_pos_embed`)."""
+        if x.shape[1] - 1 == self.pos_embed.shape[1] - 1 and w == h:
             return self.pos_embed
-        pos_embed = self.pos_embed.float()
-        class_pos_embed = pos_embed[:, 0]
-        patch_pos_embed = pos_embed[:, 1:]
-        dim = x.shape[-1]
-        w0, h0 = w // self.patch_size, h // self.patch_size
-        M = int(math.sqrt(N))
-        assert N == M * M, f"position grid of {N} patches is not square"
-        kwargs: dict[str, Any] = {}
-        if self.interpolate_offset:
-            # The small offset avoids floating-point error in the interpolation (DINO / DINOv2).
-            sx = float(w0 + self.interpolate_offset) / M
-            sy = float(h0 + self.interpolate_offset) / M
-            kwargs["scale_factor"] = (sx, sy)
-        else:
-            kwargs["size"] = (w0, h0)
-        patch_pos_embed = F.interpolate(
-            patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2),
-            mode="bicubic",
-            antialias=self.interpolate_antialias,
-            **kwargs,
-        )
-        assert (w0, h0) == tuple(patch_pos_embed.shape[-2:]), "position-embedding interpolation size mismatch"
-        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+        return interpolate_pos_embed(self.pos_embed, w // self.patch_size, h // self.patch_size,
+                                     self.interpolate_offset, self.interpolate_antialias).to(x.dtype)
 
     def prepare_tokens_with_masks(self, x: Tensor, masks: Tensor | None = None) -> Tensor:
         """Images ``(B, C, H, W)`` (+ bool ``masks`` ``(B, N)``, True = replace by ``mask_token``) -> tokens

@@ -15,95 +15,49 @@ Differences from the reference, all so that a run gives the same losses on any n
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ssl_distill import distributed
 from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from ssl_distill.models import DINOHead, backbone_from_config
-from ssl_distill.models.stochastic_depth import sample_keys
-
-N_GLOBAL_CROPS = 2
+from ssl_distill.models import backbone_from_config
+from ssl_distill.train.arch_base import N_GLOBAL_CROPS, StudentTeacherArch, dino_head, reshard
 
 
-def _head(section: DictConfig, in_dim: int) -> DINOHead:
-    return DINOHead(
-        in_dim, section.head_n_prototypes, nlayers=section.head_nlayers, hidden_dim=section.head_hidden_dim,
-        bottleneck_dim=section.head_bottleneck_dim,
-    )
-
-
-def _reshard(modules: nn.Module) -> None:
-    """Free the gathered parameters of FSDP2-sharded modules (a no-op without FSDP)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return
-    for m in modules.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def _local_tensor(t: Tensor) -> Tensor:
-    """The local shard of an FSDP2 DTensor parameter, or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-class SSLMetaArch(nn.Module):
+class SSLMetaArch(StudentTeacherArch):
     """Student, teacher and losses of the DINOv2 recipe.
 
     ``student`` / ``teacher`` are ``nn.ModuleDict`` s with ``backbone``, ``dino_head`` and, when
-    ``ibot.separate_head``, ``ibot_head``. The teacher starts as a copy of the student and never gets gradients.
+    ``ibot.separate_head``, ``ibot_head``. The teacher starts as a copy of the student (after the student took
+    ``student.pretrained_weights``, unless ``load_pretrained`` is False, e.g. when a checkpoint is resumed) and never
+    gets gradients.
     """
 
-    def __init__(self, cfg: DictConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.n_local_crops = cfg.crops.local_crops_number
+    def __init__(self, cfg: DictConfig, load_pretrained: bool = True) -> None:
+        super().__init__(cfg)
         self.do_koleo = cfg.dino.koleo_loss_weight > 0
         self.do_ibot = cfg.ibot.loss_weight > 0
         self.ibot_separate_head = bool(cfg.ibot.separate_head)
         self.student = self._build(cfg, student=True)
         self.teacher = self._build(cfg, student=False)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
         ibot_dim = cfg.ibot.head_n_prototypes if self.ibot_separate_head else cfg.dino.head_n_prototypes
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(ibot_dim)
         self.koleo_loss = KoLeoLoss()
-        # Callables used for the student's forward passes: the modules themselves, or their DDP wrappers.
-        self._student_fwd: dict[str, nn.Module] = dict(self.student.items())
-        self._koleo_group = None
-        self.autocast_dtype: torch.dtype | None = None
+        if load_pretrained and cfg.student.pretrained_weights:
+            from ssl_distill.train.pretrained import load_pretrained_student
+
+            load_pretrained_student(self, cfg)
+        self._student_ready()
 
     def _build(self, cfg: DictConfig, student: bool) -> nn.ModuleDict:
         backbone = backbone_from_config(cfg, stochastic_depth=student)
-        parts = {"backbone": backbone, "dino_head": _head(cfg.dino, backbone.embed_dim)}
+        parts = {"backbone": backbone, "dino_head": dino_head(cfg.dino, backbone.embed_dim)}
         if self.do_ibot and self.ibot_separate_head:
-            parts["ibot_head"] = _head(cfg.ibot, backbone.embed_dim)
+            parts["ibot_head"] = dino_head(cfg.ibot, backbone.embed_dim)
         return nn.ModuleDict(parts)
-
-    # --------------------------------------------------------------------------------------------- distributed
-    def set_student_forward(self, wrappers: dict[str, nn.Module]) -> None:
-        """Route the student's forward passes through wrappers (e.g. DDP) that hold the same modules."""
-        self._student_fwd = dict(wrappers)
-
-    def set_koleo_group(self, group: Any) -> None:
-        """A process group of its own for KoLeo's all-gather, so it never interleaves with DDP's reductions."""
-        self._koleo_group = group
-
-    @property
-    def device(self) -> torch.device:
-        return self.student.backbone.cls_token.device
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _patches_read(self, batch: dict[str, Tensor] | None) -> Tensor:
         """The patch tokens a loss reads (iBOT's masked global patches; none for local crops or without iBOT):
@@ -128,22 +82,7 @@ class SSLMetaArch(nn.Module):
         else:
             cls_logits = self.teacher.dino_head(cls)
             patch_logits = self.teacher.ibot_head(masked_patches) if self.do_ibot else None
-        cls_logits, patch_logits = cls_logits.float(), patch_logits.float() if patch_logits is not None else None
-        if self.cfg.train.centering == "centering":
-            dino_t = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-            ibot_t = None
-            if self.do_ibot:
-                ibot_t = self.ibot_patch_loss.softmax_center_teacher(patch_logits, teacher_temp)
-                self.ibot_patch_loss.update_center_masked(patch_logits)
-        else:  # sinkhorn_knopp
-            dino_t = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-            ibot_t = None
-            if self.do_ibot:
-                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    patch_logits, teacher_temp, batch["n_masked_patches"]
-                )
-        return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
+        return self._teacher_probabilities(cls_logits, patch_logits, teacher_temp)
 
     # ---------------------------------------------------------------------------------------------- student
     def _student_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -174,56 +113,15 @@ class SSLMetaArch(nn.Module):
             result["masked"] = logits.pop(0) if not self.ibot_separate_head else self._student_fwd["ibot_head"](masked)
         return result
 
-    def _koleo(self, global_tokens: Tensor) -> Tensor:
-        terms = []
-        for chunk in global_tokens.chunk(N_GLOBAL_CROPS):  # never between two crops of one image
-            if distributed.get_world_size() > 1:
-                chunk = distributed.all_gather_with_grad(chunk, group=self._koleo_group)
-            terms.append(self.koleo_loss(chunk))
-        return sum(terms)
-
-    # ------------------------------------------------------------------------------------------------- step
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        dev = self.device
-        nb = dev.type == "cuda"
-        return {
-            "global_crops": batch["collated_global_crops"].to(dev, non_blocking=nb),
-            "local_crops": batch["collated_local_crops"].to(dev, non_blocking=nb),
-            "masks": batch["collated_masks"].to(dev, non_blocking=nb),
-            "mask_indices": batch["mask_indices_list"].to(dev, non_blocking=nb),
-            "masks_weight": batch["masks_weight"].to(dev, non_blocking=nb),
-            "n_masked_patches": batch["n_masked_patches"].to(dev, non_blocking=nb),
-            "drop_path_keys": self._drop_path_keys(batch.get("positions")),
-        }
-
-    def _drop_path_keys(self, positions: Tensor | None) -> list[Tensor | None]:
-        """Stochastic-depth keys of the global and the local crops (CPU int64, crop-major as the crops), from the
-        run's seed and each sample's global stream position: the student's draws are then the same on any number
-        of ranks and after a resume. Batches without ``positions`` (not from the trainer) draw from torch's RNG."""
-        if positions is None:
-            return [None, None]
-        seed = self.cfg.train.seed
-        return [sample_keys(seed, positions, range(N_GLOBAL_CROPS)),
-                sample_keys(seed, positions, range(N_GLOBAL_CROPS, N_GLOBAL_CROPS + self.n_local_crops))]
-
     def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (scalar with graph) and the individual losses (detached) for one batch."""
         b = self._to_device(batch)
         cfg = self.cfg
-        n_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) + N_GLOBAL_CROPS * self.n_local_crops
         with self._autocast():
             dino_t, ibot_t = self._teacher_targets(b, teacher_temp)
-            _reshard(self.teacher)  # the teacher has no backward to reshard it (FSDP)
+            reshard(self.teacher)  # the teacher has no backward to reshard it (FSDP)
             s = self._student_logits(b)
-        losses: dict[str, Tensor] = {}
-        if self.n_local_crops > 0:
-            losses["dino_local_crops_loss"] = (
-                self.dino_loss(s["local_cls"].float().chunk(self.n_local_crops), list(dino_t)) / n_terms
-            )
-        # Both global pairs at once: (2B, K) student rows against the swapped teacher rows; x2 = sum of 2 means.
-        losses["dino_global_crops_loss"] = (
-            self.dino_loss([s["global_cls"].float()], [dino_t.flatten(0, 1)]) * N_GLOBAL_CROPS / n_terms
-        )
+        losses = self._dino_losses(s["local_cls"], s["global_cls"], dino_t)
         total = cfg.dino.loss_weight * sum(losses.values())
         if self.do_koleo:
             losses["koleo_loss"] = cfg.dino.koleo_loss_weight * self._koleo(s["global_tokens"])
@@ -237,32 +135,3 @@ class SSLMetaArch(nn.Module):
         losses["total_loss"] = total.detach()
         return total, losses
 
-    def forward_backward(
-        self, batch: dict[str, Any], teacher_temp: float, scaler: torch.amp.GradScaler | None = None
-    ) -> dict[str, Tensor]:
-        """Compute the losses and back-propagate them; returns the individual (detached) losses."""
-        total, losses = self.compute_losses(batch, teacher_temp)
-        (scaler.scale(total) if scaler is not None else total).backward()
-        return losses
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
-        """``teacher = m * teacher + (1 - m) * student`` with multi-tensor ops (local shards under FSDP)."""
-        t_params, s_params = [], []
-        for name, s_mod in self.student.items():
-            for (ns, ps), (nt, pt) in zip(s_mod.named_parameters(), self.teacher[name].named_parameters()):
-                if ns != nt:
-                    raise RuntimeError(f"student/teacher parameter mismatch: {ns} vs {nt}")
-                s_params.append(_local_tensor(ps.detach()))
-                t_params.append(_local_tensor(pt.detach()))
-        torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)  # t + (1 - m) * (s - t): one pass
-
-    def clip_gradients(self, max_norm: float) -> dict[str, float]:
-        """Clip each student part's gradients separately (as DINOv2 does); returns their pre-clip norms."""
-        norms = {}
-        for name, module in self.student.items():
-            params = [p for p in module.parameters() if p.grad is not None]
-            if params:
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        return norms

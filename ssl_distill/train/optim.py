@@ -39,7 +39,8 @@ def param_groups(
 ) -> list[dict]:
     """Fused parameter groups of one sub-model (backbone or head).
 
-    Each group: ``params``, ``lr_multiplier``, ``wd_multiplier`` (0 or 1), ``is_last_layer`` and ``names``.
+    Each group: ``params``, ``lr_multiplier``, ``wd_multiplier`` (0 or 1), ``is_last_layer``, ``is_backbone`` and
+    ``names``.
     """
     num_layers = len(module.blocks) if is_backbone else 0
     fused: dict[tuple[float, float, bool], dict] = {}
@@ -51,9 +52,8 @@ def param_groups(
             lr_mult *= patch_embed_lr_mult
         wd_mult = 0.0 if no_weight_decay(name) else 1.0
         key = (lr_mult, wd_mult, "last_layer" in name)
-        group = fused.setdefault(
-            key, {"params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": key[2]}
-        )
+        group = fused.setdefault(key, {"params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1],
+                                       "is_last_layer": key[2], "is_backbone": is_backbone})
         group["params"].append(param)
         group["names"].append(name)
     return list(fused.values())
@@ -67,9 +67,14 @@ def build_optimizer(groups: Iterable[dict], betas: tuple[float, float], device: 
     return torch.optim.AdamW(list(groups), lr=0.0, betas=betas, fused=fused, foreach=None if fused else True)
 
 
-def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
-    """Set every group's lr and weight decay for this iteration (DINOv2's ``apply_optim_scheduler``)."""
+def apply_optim_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float,
+                         backbone_lr_factor: float = 1.0) -> None:
+    """Set every group's lr and weight decay for this iteration (DINOv2's ``apply_optim_scheduler``);
+    ``backbone_lr_factor`` 0 keeps the backbone fixed (``optim.freeze_backbone_epochs``: AdamW with lr 0 changes
+    neither the weights nor, decoupled, their decay)."""
     for group in optimizer.param_groups:
         base = last_layer_lr if group["is_last_layer"] else lr
+        if group.get("is_backbone"):
+            base *= backbone_lr_factor
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = wd * group["wd_multiplier"]

@@ -56,12 +56,14 @@ class Schedules:
     momentum: CosineSchedule
     teacher_temp: CosineSchedule
     last_layer_freeze_iters: int
+    backbone_freeze_iters: int = 0
 
     def at(self, it: int) -> dict[str, float]:
         last_layer_lr = 0.0 if it < self.last_layer_freeze_iters else self.last_layer_lr(it)
         return {
             "lr": self.lr(it),
             "last_layer_lr": last_layer_lr,
+            "backbone_lr_factor": 0.0 if it < self.backbone_freeze_iters else 1.0,
             "wd": self.wd(it),
             "momentum": self.momentum(it),
             "teacher_temp": self.teacher_temp(it),
@@ -102,4 +104,5 @@ def build_schedules(cfg: DictConfig) -> Schedules:
             warmup_iters=warm_temp, start_warmup_value=cfg.teacher.warmup_teacher_temp,
         ),
         last_layer_freeze_iters=cfg.optim.freeze_last_layer_epochs * ep,
+        backbone_freeze_iters=cfg.optim.freeze_backbone_epochs * ep,
     )

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ssl_distill import distributed
-from ssl_distill.train.meta_arch import SSLMetaArch
+from ssl_distill.train.arch_base import StudentTeacherArch
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def resolve_precision(cfg: DictConfig, device: torch.device) -> torch.dtype | No
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
 
 
-def wrap_for_distributed(meta: SSLMetaArch, cfg: DictConfig, device: torch.device) -> None:
+def wrap_for_distributed(meta: StudentTeacherArch, cfg: DictConfig, device: torch.device) -> None:
     """DDP wrappers for the student's parts, or FSDP2 ``fully_shard`` of student and teacher (per block).
 
     Wraps whenever a process group is initialised, also a single-process one (how the CUDA tests compare FSDP2
@@ -66,7 +66,7 @@ _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather_state(
-    meta: SSLMetaArch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, iteration: int,
+    meta: StudentTeacherArch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, iteration: int,
     global_batch: int, config_yaml: str,
 ) -> dict[str, Any] | None:
     """The full training state (collective under FSDP: every rank must call it); None on ranks other than 0."""
@@ -82,13 +82,17 @@ def gather_state(
         "sampler_position": iteration * global_batch,
         "world_size": distributed.get_world_size(),
         "config": config_yaml,
+        **meta.checkpoint_extras(),
     }
 
 
 def restore_state(
-    meta: SSLMetaArch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, state: dict[str, Any]
+    meta: StudentTeacherArch, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
 ) -> None:
-    """Load a full training state into (possibly wrapped/sharded) model and optimizer, on every rank."""
+    """Load a full training state into (possibly wrapped/sharded) model and optimizer, on every rank (after the
+    architecture checked that the state belongs to it, e.g. the same distillation teacher)."""
+    meta.check_resume(state)
     set_model_state_dict(meta, state["model"], options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(meta, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scaler is not None and state.get("scaler"):

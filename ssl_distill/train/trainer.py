@@ -34,6 +34,7 @@ from ssl_distill.data import (
 from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
+from ssl_distill.train.arch_base import StudentTeacherArch
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
@@ -62,6 +63,16 @@ class TrainingInterrupted(Exception):
     def __init__(self, iteration: int, checkpoint: Path | None, reason: str = "") -> None:
         super().__init__(f"stopped at iteration {iteration} ({reason or 'stop requested'}); checkpoint {checkpoint}")
         self.iteration, self.checkpoint, self.reason = iteration, checkpoint, reason
+
+
+def build_arch(cfg: DictConfig, load_pretrained: bool = True) -> StudentTeacherArch:
+    """The training architecture of ``train.mode``: self-distillation (pretrain) or a frozen teacher (distill).
+    ``load_pretrained``: start the student from ``student.pretrained_weights`` (False when a checkpoint follows)."""
+    if cfg.train.mode == "distill":
+        from ssl_distill.train.distill_arch import DistillMetaArch
+
+        return DistillMetaArch(cfg, load_pretrained=load_pretrained)
+    return SSLMetaArch(cfg, load_pretrained=load_pretrained)
 
 
 def _take_run_lock(output_dir: Path) -> RunLock | None:
@@ -142,8 +153,9 @@ class Trainer:
         self.global_batch = cfg.train.batch_size_per_gpu * self.world
         self.stop_requested = False  # set by request_stop() (signal handlers: train.signals.StopOnSignals)
         self.stop_reason = ""
+        resume_from = self._find_resume(resume)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.meta = SSLMetaArch(cfg).to(self.device)
+        self.meta = build_arch(cfg, load_pretrained=resume_from is None).to(self.device)
         self.meta.autocast_dtype = resolve_precision(cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.meta.autocast_dtype == torch.float16 else None
         wrap_for_distributed(self.meta, cfg, self.device)  # before the optimizer: FSDP2 swaps in DTensor params
@@ -154,7 +166,7 @@ class Trainer:
         self.schedules = build_schedules(cfg)
         self.monitor = KnnMonitor(cfg) if KnnMonitor.enabled(cfg) else None
         self.last_checkpoint: Path | None = None
-        self.start_iter = self._maybe_resume(resume)
+        self.start_iter = self._restore(resume_from)
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
             save_config(cfg, self.output_dir / "config.yaml")
@@ -182,25 +194,33 @@ class Trainer:
             self._lock.release()
             self._lock = None
 
-    def _maybe_resume(self, resume: bool) -> int:
-        """Restore the newest intact checkpoint of the output directory (rank 0 chooses, every rank loads it)."""
+    def _find_resume(self, resume: bool) -> Path | None:
+        """The newest intact checkpoint of the output directory (rank 0 chooses and keeps its state; every rank
+        learns the choice), or None to start fresh."""
+        self._resume_state = None
         if not resume:
-            return 0
+            return None
         choice: tuple[str, str | None] = ("ok", None)
-        found = None
         if distributed.is_main_process():
             try:
                 found = ckpt.load_latest_intact(self.output_dir)
+                if found is not None:
+                    self._resume_state = found[1]
                 choice = ("ok", found[0].name if found else None)
             except ckpt.CheckpointError as exc:
                 choice = ("error", str(exc))
         status, value = distributed.broadcast_object(choice)
         if status == "error":
             raise ckpt.CheckpointError(value)
-        if value is None:
+        return self.output_dir / value if value is not None else None
+
+    def _restore(self, path: Path | None) -> int:
+        """Load the full training state of ``path`` into model, optimizer and scaler on every rank; the iteration
+        to start from (0 without a checkpoint)."""
+        if path is None:
             return 0
-        path = self.output_dir / value
-        state = found[1] if found is not None else ckpt.load_checkpoint(path)
+        state = self._resume_state if self._resume_state is not None else ckpt.load_checkpoint(path)
+        self._resume_state = None
         restore_state(self.meta, self.optimizer, self.scaler, state)
         self.last_checkpoint = path
         logger.info("resumed from %s at iteration %d", path, state["iteration"])
@@ -221,7 +241,8 @@ class Trainer:
     def step(self, batch: dict[str, Any], it: int) -> dict[str, float]:
         """One optimisation step at iteration ``it``; returns the rank-averaged losses."""
         values = self.schedules.at(it)
-        apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"],
+                             values["backbone_lr_factor"])
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler)
         stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())

@@ -1,0 +1,255 @@
+"""Distillation from a frozen teacher: a small, fast student learns from a big pretrained backbone.
+
+The frozen teacher (``distill.teacher_weights``: anything :mod:`ssl_distill.hub.resolve` takes) runs in eval mode,
+under ``torch.no_grad()`` and the configured autocast, is never in the optimizer, never updated, and never written
+into checkpoints (its sha256 is: a resume checks that the teacher is the same). The student has no stochastic depth;
+an EMA copy of it (``teacher`` in the checkpoint layout, as in pretraining) is the model that is exported and
+evaluated. Two recipes (``distill.recipe``):
+
+* ``heads`` — the DINOv2 paper's (Oquab et al. 2023, §5 "Efficient implementation", paragraph "Model
+  distillation": "we use a larger model as a frozen teacher, keep a spare EMA of the student that we use as our
+  final model, remove the masking and stochastic depth, and, apply the iBOT loss on the two global crops"), for a
+  teacher that comes with its DINO/iBOT heads (one of our training checkpoints): the student gets heads of its own
+  on the teacher's prototypes; DINO loss on the CLS tokens with the pretraining pairing (crop swap, local crops
+  against both global crops), iBOT on *every* patch token of the unmasked global crops, KoLeo as in pretraining;
+  the teacher's outputs are centred (or Sinkhorn-Knopp'ed) with centres that start from its checkpoint's.
+* ``features`` — for teachers published without heads (every official DINOv2 backbone, timm, Hugging Face): on
+  every crop, the student's CLS token and patch tokens, through a learnable linear projection when the widths
+  differ (dropped at export), match the teacher's L2-normalised tokens with a cosine loss ``1 - cos`` — the summary
+  and spatial feature losses of AM-RADIO (Ranzinger et al. 2024, "AM-RADIO: Agglomerative Vision Foundation Model
+  -- Reduce All Domains Into One"); the same global + dense targets lightly-train's distillation uses.
+
+Different patch sizes: crops are resized for the teacher to a multiple of its patch size and its patch tokens are
+resampled onto the student's grid (bilinear; ``distill.resize_patch_tokens``). Registers are not matched.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from ssl_distill.config import ConfigError
+from ssl_distill.hub import HubError
+from ssl_distill.hub.resolve import resolve_backbone
+from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from ssl_distill.models import backbone_from_config
+from ssl_distill.models.resample import resize_token_grid
+from ssl_distill.train.arch_base import N_GLOBAL_CROPS, StudentTeacherArch, dino_head
+
+logger = logging.getLogger(__name__)
+
+
+class FrozenTeacher:
+    """The distillation teacher: a backbone and, for the ``heads`` recipe, its heads and loss centres. Not an
+    ``nn.Module`` attribute of the architecture, so it is in no state dict, optimizer or DDP/FSDP wrapper."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        d = cfg.distill
+        try:
+            self.backbone, info = resolve_backbone(d.teacher_weights, d.teacher_config or None,
+                                                   list(d.teacher_overrides), keep_file=True)
+        except HubError as exc:
+            hint = ""
+            if "do not fit the backbone" in str(exc):
+                hint = (" The teacher's architecture comes from distill.teacher_config and distill.teacher_overrides: "
+                        "give the student.* keys named above there, e.g. "
+                        "distill.teacher_overrides=[student.arch=vit_small,student.patch_size=8].")
+            raise ConfigError(f"distill.teacher_weights '{d.teacher_weights}': {exc}{hint}") from None
+        self.weights_hash = info["weights_hash"]
+        self.heads: dict[str, nn.Module] = {}
+        self.centers: dict[str, Tensor] = {}
+        obj = info.get("file")
+        if info["source"] == "checkpoint" and obj is not None:
+            self._take_heads(obj["model"], info["config"])
+
+    def _take_heads(self, model: dict[str, Tensor], tcfg: DictConfig) -> None:
+        """The checkpoint's teacher heads (and loss centres), sized by its stored config."""
+        width = self.backbone.embed_dim
+        sections = {"dino_head": tcfg.dino}
+        if tcfg.ibot.separate_head:
+            sections["ibot_head"] = tcfg.ibot
+        for name, section in sections.items():
+            prefix = f"teacher.{name}."
+            sd = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+            if not sd:
+                return  # a checkpoint without heads: the features recipe only
+            head = dino_head(section, width)
+            head.load_state_dict(sd)
+            self.heads[name] = head.eval().requires_grad_(False)
+        self.centers = {k: model[f"{k}.center"] for k in ("dino_loss", "ibot_patch_loss") if f"{k}.center" in model}
+
+    @property
+    def n_prototypes(self) -> tuple[int, int]:
+        """K of the DINO head and of the head the iBOT targets come from."""
+        dino = self.heads["dino_head"].last_layer.out_features
+        ibot = self.heads.get("ibot_head", self.heads["dino_head"]).last_layer.out_features
+        return dino, ibot
+
+    def modules(self) -> list[nn.Module]:
+        return [self.backbone, *self.heads.values()]
+
+
+class DistillMetaArch(StudentTeacherArch):
+    """Student (+ EMA copy) trained from a :class:`FrozenTeacher`; see the module docstring."""
+
+    def __init__(self, cfg: DictConfig, load_pretrained: bool = True) -> None:
+        super().__init__(cfg)
+        self.frozen = FrozenTeacher(cfg)
+        self.recipe = self._choose_recipe(cfg.distill.recipe)
+        backbone = backbone_from_config(cfg)  # no stochastic depth (DINOv2 §5)
+        backbone.mask_token.requires_grad_(False)  # no masking: never used, so not in the optimizer either
+        self._check_patch_grids(cfg, backbone)
+        self.student = nn.ModuleDict({"backbone": backbone, **self._student_parts(cfg, backbone.embed_dim)})
+        self.teacher = nn.ModuleDict({"backbone": backbone_from_config(cfg),
+                                      **self._student_parts(cfg, backbone.embed_dim)})
+        if self.recipe == "heads":
+            k_dino, k_ibot = self.frozen.n_prototypes
+            self.dino_loss, self.ibot_patch_loss = DINOLoss(k_dino), iBOTPatchLoss(k_ibot)
+            for name, center in self.frozen.centers.items():
+                getattr(self, name).center.copy_(center)
+            self.koleo_loss = KoLeoLoss()
+        if load_pretrained and cfg.student.pretrained_weights:
+            from ssl_distill.train.pretrained import load_pretrained_student
+
+            load_pretrained_student(self, cfg)
+        self._student_ready()
+        logger.info("distilling from %s (%s recipe, sha256 %s)", cfg.distill.teacher_weights, self.recipe,
+                    self.frozen.weights_hash[:12])
+
+    def _choose_recipe(self, asked: str) -> str:
+        has_heads = "dino_head" in self.frozen.heads
+        if asked == "heads" and not has_heads:
+            raise ConfigError(f"distill.recipe=heads needs a teacher with its DINO/iBOT heads (one of our training "
+                              f"checkpoints); '{self.cfg.distill.teacher_weights}' has a backbone only: set "
+                              "distill.recipe=features (or auto).")
+        return "heads" if asked == "heads" or (asked == "auto" and has_heads) else "features"
+
+    def _check_patch_grids(self, cfg: DictConfig, student: nn.Module) -> None:
+        pt, ps = self.frozen.backbone.patch_size, student.patch_size
+        if pt != ps and not cfg.distill.resize_patch_tokens:
+            raise ConfigError(f"the teacher uses {pt} px patches and the student {ps} px: set "
+                              f"distill.resize_patch_tokens=true (resample the teacher's patch tokens onto the "
+                              f"student's grid) or student.patch_size={pt}.")
+
+    def _student_parts(self, cfg: DictConfig, width: int) -> dict[str, nn.Module]:
+        """Heads on the teacher's prototypes (``heads``) or projections to its width (``features``)."""
+        if self.recipe == "heads":
+            k_dino, k_ibot = self.frozen.n_prototypes
+            parts = {"dino_head": dino_head(cfg.dino, width, k_dino)}
+            if "ibot_head" in self.frozen.heads:
+                parts["ibot_head"] = dino_head(cfg.ibot, width, k_ibot)
+            return parts
+        t_width = self.frozen.backbone.embed_dim
+        if t_width == width:
+            return {}
+        return {"cls_proj": nn.Linear(width, t_width), "patch_proj": nn.Linear(width, t_width)}
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    def to(self, *args: Any, **kwargs: Any) -> DistillMetaArch:
+        """Move the frozen teacher along (it is not a submodule)."""
+        super().to(*args, **kwargs)
+        for module in self.frozen.modules():
+            module.to(*args, **kwargs)
+        return self
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return {"distill_teacher": {"weights": self.cfg.distill.teacher_weights,
+                                    "weights_hash": self.frozen.weights_hash}}
+
+    def check_resume(self, state: dict[str, Any]) -> None:
+        """Refuse to continue a distillation with another teacher than the one the checkpoint was trained with."""
+        saved = (state.get("distill_teacher") or {}).get("weights_hash")
+        if saved is not None and saved != self.frozen.weights_hash:
+            raise ConfigError(f"the checkpoint was distilled from a teacher with sha256 {saved[:12]}, but "
+                              f"distill.teacher_weights={self.cfg.distill.teacher_weights} now has "
+                              f"{self.frozen.weights_hash[:12]}; point it at the original teacher, or start over "
+                              "with --no-resume (or another --output-dir).")
+
+    # ---------------------------------------------------------------------------------------------- teacher
+    def _teacher_input(self, crops: Tensor) -> Tensor:
+        """Crops resized to a multiple of the teacher's patch size (when the student's size is not one)."""
+        p, size = self.frozen.backbone.patch_size, crops.shape[-1]
+        if size % p == 0:
+            return crops
+        side = max(p, round(size / p) * p)
+        return F.interpolate(crops, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+
+    @torch.no_grad()
+    def _teacher_tokens(self, crops: list[Tensor], student_grids: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """The frozen teacher's normalised ``(CLS (B, D_t), patches (B, N_s, D_t))`` per crop batch, patches on the
+        student's grid (side ``student_grids[i]``)."""
+        outs = self.frozen.backbone.forward_train([self._teacher_input(c) for c in crops])
+        result = []
+        for out, side in zip(outs, student_grids):
+            patches = out["x_norm_patchtokens"]
+            t_side = round(patches.shape[1] ** 0.5)
+            result.append((out["x_norm_clstoken"], resize_token_grid(patches, (t_side, t_side), (side, side))))
+        return result
+
+    # ------------------------------------------------------------------------------------------------- step
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (scalar with graph) and the individual losses (detached) for one batch."""
+        b = self._to_device(batch)
+        crops = [b["global_crops"]] + ([b["local_crops"]] if self.n_local_crops > 0 else [])
+        grids = [c.shape[-1] // self.student.backbone.patch_size for c in crops]
+        with self._autocast():
+            if self.recipe == "heads":
+                (t_cls, t_patches), = self._teacher_tokens(crops[:1], grids[:1])
+                losses, total = self._heads_losses(crops, t_cls, t_patches, teacher_temp)
+            else:
+                losses, total = self._feature_losses(crops, self._teacher_tokens(crops, grids))
+        losses = {k: v.detach() for k, v in losses.items()}
+        losses["total_loss"] = total.detach()
+        return total, losses
+
+    def _heads_losses(self, crops: list[Tensor], t_cls: Tensor, t_patches: Tensor, teacher_temp: float
+                      ) -> tuple[dict[str, Tensor], Tensor]:
+        """The DINOv2-paper recipe: DINO on CLS tokens, iBOT on every global patch token, KoLeo."""
+        cfg, heads = self.cfg, self.frozen.heads
+        with torch.no_grad():
+            swapped = torch.cat(t_cls.chunk(N_GLOBAL_CROPS)[::-1])  # student crop A meets teacher crop B
+            patch_head = heads.get("ibot_head", heads["dino_head"])
+            dino_t, ibot_t = self._teacher_probabilities(heads["dino_head"](swapped),
+                                                         patch_head(t_patches.flatten(0, 1)), teacher_temp)
+        outs = self._student_fwd["backbone"](crops, is_training=True)
+        g_cls, g_patches = outs[0]["x_norm_clstoken"], outs[0]["x_norm_patchtokens"]
+        pieces = ([outs[1]["x_norm_clstoken"]] if self.n_local_crops > 0 else []) + [g_cls]
+        separate = "ibot_head" in self.student
+        if not separate:
+            pieces.append(g_patches.flatten(0, 1))
+        logits = list(self._student_fwd["dino_head"](torch.cat(pieces)).split([p.shape[0] for p in pieces]))
+        local_cls = logits.pop(0) if self.n_local_crops > 0 else None
+        global_cls = logits.pop(0)
+        patch_logits = self._student_fwd["ibot_head"](g_patches.flatten(0, 1)) if separate else logits.pop(0)
+        losses = self._dino_losses(local_cls, global_cls, dino_t)
+        total = cfg.dino.loss_weight * sum(losses.values())
+        if cfg.dino.koleo_loss_weight > 0:
+            losses["koleo_loss"] = cfg.dino.koleo_loss_weight * self._koleo(g_cls)
+            total = total + losses["koleo_loss"]
+        every_patch = torch.ones(g_patches.shape[:2], dtype=torch.bool, device=g_patches.device)
+        losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(patch_logits.float(), ibot_t, every_patch)
+        return losses, total + cfg.ibot.loss_weight * losses["ibot_loss"]
+
+    def _feature_losses(self, crops: list[Tensor], targets: list[tuple[Tensor, Tensor]]
+                        ) -> tuple[dict[str, Tensor], Tensor]:
+        """The head-free recipe: ``1 - cos`` between the (projected) student tokens and the teacher's, averaged
+        over the CLS tokens of every crop and over every patch token."""
+        outs = self._student_fwd["backbone"](crops, is_training=True)
+        s_cls = torch.cat([o["x_norm_clstoken"] for o in outs])
+        s_patch = torch.cat([o["x_norm_patchtokens"].flatten(0, 1) for o in outs])
+        if "cls_proj" in self.student:
+            s_cls, s_patch = self._student_fwd["cls_proj"](s_cls), self._student_fwd["patch_proj"](s_patch)
+        t_cls = torch.cat([t for t, _ in targets])
+        t_patch = torch.cat([p.flatten(0, 1) for _, p in targets])
+        losses = {
+            "distill_cls_loss": (1 - F.cosine_similarity(s_cls.float(), t_cls.float(), dim=-1)).mean(),
+            "distill_patch_loss": (1 - F.cosine_similarity(s_patch.float(), t_patch.float(), dim=-1)).mean(),
+        }
+        d = self.cfg.distill
+        total = d.cls_loss_weight * losses["distill_cls_loss"] + d.patch_loss_weight * losses["distill_patch_loss"]
+        return losses, total
