@@ -97,7 +97,7 @@ class OursStep:
     """Our step exactly as :meth:`ssl_distill.train.trainer.Trainer.step` runs it (minus logging)."""
 
     def __init__(self, cfg: Any, device: torch.device, amp: torch.dtype | None, variant: dict[str, Any]) -> None:
-        self.meta = SSLMetaArch(cfg).to(device)
+        self.meta = self._build_arch(cfg).to(device)
         self.meta.autocast_dtype = amp
         for part in (self.meta.student.backbone, self.meta.teacher.backbone):
             if "attn_impl" in variant:
@@ -117,6 +117,9 @@ class OursStep:
         self.opt = build_optimizer(groups, (0.9, 0.999), device)
         for g in self.opt.param_groups:
             g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
+
+    def _build_arch(self, cfg: Any) -> Any:
+        return SSLMetaArch(cfg)
 
     def __call__(self, batch: dict[str, Any]) -> None:
         self.opt.zero_grad(set_to_none=True)

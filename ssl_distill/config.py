@@ -327,11 +327,22 @@ def _check_range(cfg: DictConfig, key: str, low: float, high: float | None = Non
         raise ConfigError(f"Invalid config value for '{key}': {value} (must be {lo}{hi}).")
 
 
-def validate_config(cfg: DictConfig) -> None:
-    """Reject impossible values with a message that names the key and the fix."""
+def validate_architecture(cfg: DictConfig) -> None:
+    """The checks of :func:`validate_config` that concern the backbone's architecture (``student.*``) alone: enough
+    for a config that only describes a model, e.g. a distillation teacher."""
     _check_choice(cfg, "student.arch", ARCHS)
     _check_choice(cfg, "student.ffn_layer", FFN_LAYERS)
     _check_choice(cfg, "student.attn_impl", ATTN_IMPLS)
+    _check_range(cfg, "student.patch_size", 1)
+    _check_range(cfg, "student.num_register_tokens", 0)
+    _check_range(cfg, "student.layerscale", 0)
+    _check_range(cfg, "student.interpolate_offset", 0)
+    _check_range(cfg, "crops.global_crops_size", 1)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject impossible values with a message that names the key and the fix."""
+    validate_architecture(cfg)
     _check_choice(cfg, "train.centering", CENTERINGS)
     _check_choice(cfg, "optim.scaling_rule", SCALING_RULES)
     _check_choice(cfg, "train.bad_image_policy", BAD_IMAGE_POLICIES)

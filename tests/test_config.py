@@ -34,7 +34,7 @@ def test_defaults_are_the_dinov2_recipe():
 
 def test_section_names_match_dinov2():
     expected = {"dino", "ibot", "train", "student", "teacher", "optim", "crops", "evaluation"}
-    assert set(default_config().keys()) == expected
+    assert set(default_config().keys()) == expected | {"distill"}  # DINOv2's sections, plus distillation's
 
 
 def test_layering_defaults_then_yaml_then_dotlist(tmp_path):
@@ -50,8 +50,14 @@ def test_layering_defaults_then_yaml_then_dotlist(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path):
-    cfg = load_config(path)
+    raw = yaml.safe_load(path.read_text()) or {}
+    needs_teacher = raw.get("train", {}).get("mode") == "distill" and not raw.get("distill", {}).get("teacher_weights")
+    if needs_teacher:  # a template: the user names the teacher, and is told so when they forget
+        with pytest.raises(ConfigError, match="distill.teacher_weights"):
+            load_config(path)
+    cfg = load_config(path, ["distill.teacher_weights=teacher.pth"] if needs_teacher else [])
     assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
+    assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
 
 
 def test_save_config_roundtrip(tmp_path):

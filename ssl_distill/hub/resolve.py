@@ -194,16 +194,20 @@ def state_dict_hash(state: StateDict) -> str:
 
 # ------------------------------------------------------------------------------------------ backbones
 def _config(config_file: str | None, overrides: Sequence[str], stored_yaml: str | None = None) -> Any:
-    """The config from ``config_file``, else from a checkpoint's stored YAML, with ``overrides`` on top."""
-    from ssl_distill.config import ConfigError, load_config
+    """The config from ``config_file``, else from a checkpoint's stored YAML, with ``overrides`` on top; only its
+    architecture (``student.*``) is validated — it describes a model here, not a run."""
+    from ssl_distill.config import ConfigError, load_config, validate_architecture
 
     try:
         if config_file or stored_yaml is None:
-            return load_config(config_file, list(overrides))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "checkpoint_config.yaml"
-            path.write_text(stored_yaml, encoding="utf-8")
-            return load_config(path, list(overrides))
+            cfg = load_config(config_file, list(overrides), validate=False)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "checkpoint_config.yaml"
+                path.write_text(stored_yaml, encoding="utf-8")
+                cfg = load_config(path, list(overrides), validate=False)
+        validate_architecture(cfg)
+        return cfg
     except ConfigError as err:
         raise HubError(str(err)) from None
 
