@@ -87,3 +87,24 @@ def test_random_weights_are_seeded_and_hashed():
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), after)  # the caller's RNG stream is left where it was
     assert not a.training and not any(p.requires_grad for p in a.parameters())
+
+
+def test_unsafe_pickles_and_garbage_get_complete_messages(tmp_path, capsys):
+    """A file with Python objects is refused by weights_only loading; the message keeps the warning about arbitrary
+    code and says what to do (not cut mid-sentence); a local garbage file is not told to "download again"."""
+    import argparse
+
+    from ssl_distill.cli import main
+
+    unsafe = tmp_path / "with_objects.pth"
+    torch.save({"cls_token": torch.zeros(1, 1, 8), "args": argparse.Namespace(lr=0.1)}, unsafe)
+    with pytest.raises(WeightsError, match=r"holds Python objects besides tensors \(argparse.Namespace\).*arbitrary "
+                                           r"code.*Only if you trust its source.*weights_only=False.*then use that "
+                                           r"file\.$"):
+        load_pretrained_backbone(str(unsafe), TINY)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"\x00\x01 not a checkpoint")
+    for path, expected in ((unsafe, "arbitrary code"), (garbage, "is it a complete PyTorch (.pth) or safetensors")):
+        assert main(["convert", str(path), str(tmp_path / "out.pth")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0] and "download it again" not in err[0], err

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import popen_train, run_train, tiny_overrides
+from train_utils import TINY, popen_train, run_train, tiny_overrides
 
 from ssl_distill.train.checkpoint import find_latest_checkpoint, list_checkpoints
 from ssl_distill.train.metrics import read_metrics
@@ -165,3 +165,23 @@ def test_user_mistakes_in_train_are_one_line(tmp_path, photo_folder):
     proc = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "train", "--config-file", str(tmp_path / "cfgdir"),
                            "--output-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is a directory; pass a YAML file" in proc.stderr
+
+
+def test_an_unwritable_output_directory_is_one_line(tmp_path, photo_folder):
+    """A read-only output directory (real permissions: as root, the tests drop the capabilities that bypass
+    them) gives one line naming the path and the fix, before anything is built."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+              "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    cmd = [*prefix, sys.executable, "-m", "ssl_distill.cli", "train", "--config-file", TINY,
+           "--output-dir", str(locked / "run"), *tiny_overrides(photo_folder)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o755)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("ssl-distill train: error: Permission denied:") and str(locked / "run") in err[0]
+    assert "choose one you can write to" in err[0]
