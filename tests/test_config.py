@@ -130,3 +130,77 @@ def test_bad_yaml_files(tmp_path):
 def test_warmup_longer_than_training_is_rejected():
     with pytest.raises(ConfigError, match="'optim.warmup_epochs'.*exceed optim.epochs=3"):
         load_config(None, ["optim.epochs=3"])
+
+
+# ---------------------------------------------------------------- descriptions and `ssl-distill config`
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in node.items()
+            for k in (_leaf_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def test_every_field_has_a_one_line_description():
+    from omegaconf import OmegaConf
+
+    from ssl_distill.config import field_descriptions
+
+    helps = field_descriptions()
+    assert sorted(helps) == sorted(_leaf_keys(OmegaConf.to_container(default_config())))
+    for key, text in helps.items():
+        assert len(text) >= 10, key  # says something
+        assert "\n" not in text, key
+
+
+def _printed_rows(text: str) -> dict[str, str]:
+    """Dotted key -> its comment, from the lines of `ssl-distill config`."""
+    rows, section = {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+            continue
+        entry, comment = line.split("# ", 1)
+        rows[f"{section}.{entry.split(':')[0].strip()}"] = comment
+    return rows
+
+
+def test_config_command_prints_the_merged_config_with_descriptions(capsys):
+    from omegaconf import OmegaConf
+
+    from ssl_distill.cli import main
+    from ssl_distill.config import field_descriptions
+
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert main(["config", "--config-file", tiny, "optim.epochs=3", "student.layerscale=0.0001"]) == 0
+    out = capsys.readouterr().out
+    merged = load_config(tiny, ["optim.epochs=3", "student.layerscale=0.0001"])
+    assert yaml.safe_load(out) == OmegaConf.to_container(merged)  # valid YAML with exactly the merged values
+    rows = _printed_rows(out)
+    helps = field_descriptions()
+    assert sorted(rows) == sorted(helps)
+    defaults = OmegaConf.to_container(default_config())
+    tiny_keys = {f"{s}.{k}" for s, sec in yaml.safe_load(Path(tiny).read_text()).items() for k in sec}
+    for key, comment in rows.items():
+        section, name = key.split(".")
+        changed = OmegaConf.select(merged, key) != defaults[section][name]
+        assert comment.startswith("* default ") == changed, key
+        assert comment.endswith(helps[key]), key
+        if key in ("optim.epochs", "student.layerscale"):
+            assert changed
+    assert rows["optim.epochs"].startswith("* default 100 | ")
+    assert rows["student.layerscale"].startswith("* default 1.0e-05 | ")
+    assert not rows["optim.base_lr"].startswith("*")
+    assert any(rows[k].startswith("*") for k in tiny_keys)
+
+
+def test_config_command_changed_only_and_errors(capsys):
+    from ssl_distill.cli import main
+
+    assert main(["config", "--changed", "optim.epochs=30", "ibot.mask_ratio_min_max=[0.2,0.4]"]) == 0
+    rows = _printed_rows(capsys.readouterr().out)
+    assert sorted(rows) == ["ibot.mask_ratio_min_max", "optim.epochs"]
+    assert rows["ibot.mask_ratio_min_max"].startswith("* default [0.1, 0.5] | ")
+    assert main(["config", "--changed"]) == 0
+    assert "every value is the default" in capsys.readouterr().out
+    assert main(["config", "optim.epochs=0"]) == 2
+    assert "'optim.epochs'" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import torch
 from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
 from train_utils import TINY, cli_env, run_train, tiny_overrides
 
-from ssl_distill.cli import _build_parser, main
+from ssl_distill.cli import build_parser, main
 from ssl_distill.data.digits import write_digits_folders
 from ssl_distill.launch import slurm
 from ssl_distill.models import vit_tiny
@@ -33,7 +33,7 @@ LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "i
 
 
 def _submit_args(*argv: str):
-    return _build_parser().parse_args(["submit", *argv])
+    return build_parser().parse_args(["submit", *argv])
 
 
 # -- fast: no cluster --------------------------------------------------------------------------------------------
