@@ -54,7 +54,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             f"{_HERE}.args:add_eval_linear_args", f"{_HERE}.evaluate:run_linear",
             description="Trains lr x last-1/4-blocks x avgpool linear heads from one backbone forward; writes "
             "OUTPUT_DIR/results_eval_linear.json and OUTPUT_DIR/best_linear_head.pth."),
-    Command("models", "list the model zoo (architecture, params, published accuracy, licence)",
+    Command("models", "list the model zoo (architecture, params, published accuracy, licence); --flops: FLOP table",
             f"{_HERE}.args:add_models_args", f"{_HERE}.hub:run_models"),
     Command("download", "download zoo weights into the cache (resumable, verified)",
             f"{_HERE}.args:add_download_args", f"{_HERE}.hub:run_download",

@@ -44,6 +44,12 @@ def add_eval_linear_args(p: argparse.ArgumentParser) -> None:
 
 def add_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output with URLs and sha256")
+    p.add_argument("--flops", nargs="+", default=None, metavar="NAME",
+                   help="instead of the list: the per-module FLOP table (fvcore) of these zoo models' backbones, "
+                   "one image; builds each model with random weights (nothing is downloaded)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="with --flops: the square input size in pixels (a multiple of the patch size)")
+    p.add_argument("--depth", type=int, default=2, help="with --flops: module levels shown in the table")
 
 
 def add_download_args(p: argparse.ArgumentParser) -> None:
