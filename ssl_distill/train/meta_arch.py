@@ -9,7 +9,7 @@ Differences from the reference, all so that a run gives the same losses on any n
 
 * KoLeo runs on each global crop's CLS tokens gathered from all ranks (with gradient), not on each rank's share.
 * The iBOT centre is the global mean of the masked teacher tokens (``update_center_masked``), not the mean of
-  per-rank means; it no longer includes the zero-padding rows of the reference's fixed-size buffer.
+  per-rank means (the reference, too, slices its teacher outputs to the real masked tokens first).
 * With ``local_crops_number=0`` the DINO terms are divided by 2 (their count), not 3.
 """
 
@@ -140,9 +140,7 @@ class SSLMetaArch(nn.Module):
             dino_t = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             ibot_t = None
             if self.do_ibot:
-                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(
-                    patch_logits, teacher_temp, batch["n_masked_patches"]
-                )
+                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
         return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
 
     # ---------------------------------------------------------------------------------------------- student
@@ -192,7 +190,6 @@ class SSLMetaArch(nn.Module):
             "masks": batch["collated_masks"].to(dev, non_blocking=nb),
             "mask_indices": batch["mask_indices_list"].to(dev, non_blocking=nb),
             "masks_weight": batch["masks_weight"].to(dev, non_blocking=nb),
-            "n_masked_patches": batch["n_masked_patches"].to(dev, non_blocking=nb),
             "drop_path_keys": self._drop_path_keys(batch.get("positions")),
         }
 
