@@ -86,3 +86,15 @@ def test_scaling_uses_global_batch():
     cfg = load_config(None, ["train.batch_size_per_gpu=32", "optim.scaling_rule=linear_wrt_256"])
     assert apply_scaling_rules(cfg, world_size=8) == pytest.approx(0.004)
     assert cfg.optim.lr == pytest.approx(0.004)
+
+
+def test_a_set_lr_wins_over_the_scaling_rule_and_zero_derives_it(caplog):
+    cfg = load_config(None, ["train.batch_size_per_gpu=32", "optim.lr=0.0123"])
+    with caplog.at_level("INFO"):
+        assert apply_scaling_rules(cfg, world_size=8) == 0.0123
+    assert "optim.lr=0.0123 is set" in caplog.text
+    assert cfg.optim.lr == 0.0123
+    assert build_schedules(cfg).lr.base_value == 0.0123  # the peak of the cosine schedule
+    derived = load_config(None, ["train.batch_size_per_gpu=32"])  # optim.lr=0: sqrt rule, global batch 256
+    assert apply_scaling_rules(derived, world_size=8) == pytest.approx(0.004 * 0.5)
+    assert apply_scaling_rules(derived, world_size=2) == pytest.approx(0.002)  # now set: it stays
