@@ -42,7 +42,8 @@ def test_crop_major_order_and_dtype_cast():
         labelled_samples(B), (0.1, 0.5), 0.5, torch.bfloat16, mask_generator=MaskingGenerator(4)
     )
     g, l = out["collated_global_crops"], out["collated_local_crops"]
-    assert g.shape == (2 * B, 3, 8, 8) and l.shape == (3 * B, 3, 4, 4)
+    assert g.shape == (2 * B, 3, 8, 8)
+    assert l.shape == (3 * B, 3, 4, 4)
     assert g.dtype == l.dtype == torch.bfloat16
     for i in range(2):
         for b in range(B):
@@ -50,7 +51,8 @@ def test_crop_major_order_and_dtype_cast():
     for i in range(3):
         for b in range(B):
             assert torch.all(l[i * B + b] == 100 * b + 50 + i)
-    assert out["collated_masks"].shape == (2 * B, 16) and out["collated_masks"].dtype == torch.bool
+    assert out["collated_masks"].shape == (2 * B, 16)
+    assert out["collated_masks"].dtype == torch.bool
 
 
 def test_mask_ratios_are_stratified_and_shuffled():
@@ -91,17 +93,21 @@ def test_indices_weights_and_counts():
         assert w == pytest.approx(1.0 / int(masks[idx // N].sum()))
         per_row[idx // N] = per_row.get(idx // N, 0.0) + w
     masked_rows = [r for r in range(masks.shape[0]) if masks[r].any()]
-    assert sorted(per_row) == masked_rows and len(masked_rows) == int(10 * 0.7)
+    assert sorted(per_row) == masked_rows
+    assert len(masked_rows) == int(10 * 0.7)
     assert all(v == pytest.approx(1.0) for v in per_row.values())
 
 
 def test_mask_probability_zero_gives_no_masks():
     out = collate_data_and_cast(labelled_samples(3), (0.1, 0.5), 0.0, torch.float32, mask_generator=MaskingGenerator(4))
-    assert out["collated_masks"].shape == (6, 16) and not out["collated_masks"].any()
-    assert out["mask_indices_list"].numel() == 0 and out["masks_weight"].numel() == 0
+    assert out["collated_masks"].shape == (6, 16)
+    assert not out["collated_masks"].any()
+    assert out["mask_indices_list"].numel() == 0
+    assert out["masks_weight"].numel() == 0
     # without a generator, n_tokens alone is enough when nothing is masked
     out = collate_data_and_cast(labelled_samples(2), (0.1, 0.5), 0.0, torch.float32, n_tokens=9)
-    assert out["collated_masks"].shape == (4, 9) and not out["collated_masks"].any()
+    assert out["collated_masks"].shape == (4, 9)
+    assert not out["collated_masks"].any()
 
 
 def test_zero_local_crops():
@@ -109,7 +115,8 @@ def test_zero_local_crops():
         labelled_samples(2, n_local=0), (0.1, 0.5), 0.5, torch.float16, mask_generator=MaskingGenerator(4)
     )
     loc = out["collated_local_crops"]
-    assert loc.shape == (0,) and loc.dtype == torch.float16
+    assert loc.shape == (0,)
+    assert loc.dtype == torch.float16
     assert out["collated_global_crops"].shape == (4, 3, 8, 8)
 
 
@@ -120,14 +127,16 @@ def test_real_photos_through_augmentation_and_collator(photos):
     batch = collator([(aug(p), i) for i, p in enumerate(photos[:4])])
     assert batch["collated_global_crops"].shape == (8, 3, 32, 32)
     assert batch["collated_local_crops"].shape == (8, 3, 16, 16)
-    assert batch["collated_masks"].shape == (8, 16) and int(batch["collated_masks"].any(1).sum()) <= 4
+    assert batch["collated_masks"].shape == (8, 16)
+    assert int(batch["collated_masks"].any(1).sum()) <= 4
     assert batch["mask_indices_list"].numel() == batch["collated_masks"].sum().item()
 
 
 def test_collator_pickles_reprs_and_follows_torch_seed():
     collator = MaskingCollator((0.1, 0.5), 1.0, torch.float32, mask_generator=MaskingGenerator(6))
     clone = pickle.loads(pickle.dumps(collator))
-    assert "MaskingCollator" in repr(clone) and "n_tokens=36" in repr(clone)
+    assert "MaskingCollator" in repr(clone)
+    assert "n_tokens=36" in repr(clone)
     torch.manual_seed(3)
     a = collator(labelled_samples(4))
     torch.manual_seed(3)

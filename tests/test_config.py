@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_dinov2_recipe():
     cfg = default_config()
     assert (cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim) == (65536, 256, 2048)
-    assert cfg.dino.head_nlayers == 3 and cfg.ibot.head_nlayers == 3
+    assert cfg.dino.head_nlayers == 3
+    assert cfg.ibot.head_nlayers == 3
     assert cfg.dino.koleo_loss_weight == 0.1
-    assert list(cfg.ibot.mask_ratio_min_max) == [0.1, 0.5] and cfg.ibot.mask_sample_probability == 0.5
+    assert list(cfg.ibot.mask_ratio_min_max) == [0.1, 0.5]
+    assert cfg.ibot.mask_sample_probability == 0.5
     assert (cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher) == (0.992, 1.0)
     assert (cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp) == (0.04, 0.07)
     assert cfg.teacher.warmup_teacher_temp_epochs == 30
@@ -25,11 +27,14 @@ def test_defaults_are_the_dinov2_recipe():
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.4)
     assert (cfg.optim.warmup_epochs, cfg.optim.clip_grad, cfg.optim.layerwise_decay) == (10, 3.0, 0.9)
     assert (cfg.optim.patch_embed_lr_mult, cfg.optim.freeze_last_layer_epochs) == (0.2, 1)
-    assert list(cfg.crops.global_crops_scale) == [0.32, 1.0] and cfg.crops.global_crops_size == 224
-    assert list(cfg.crops.local_crops_scale) == [0.05, 0.32] and cfg.crops.local_crops_size == 96
+    assert list(cfg.crops.global_crops_scale) == [0.32, 1.0]
+    assert cfg.crops.global_crops_size == 224
+    assert list(cfg.crops.local_crops_scale) == [0.05, 0.32]
+    assert cfg.crops.local_crops_size == 96
     assert cfg.crops.local_crops_number == 8
     assert (cfg.student.drop_path_rate, cfg.student.layerscale) == (0.3, 1e-5)
-    assert cfg.train.centering == "centering" and cfg.train.iters_per_epoch == 1250
+    assert cfg.train.centering == "centering"
+    assert cfg.train.iters_per_epoch == 1250
 
 
 def test_section_names_match_dinov2():

@@ -96,7 +96,8 @@ def test_dino_center_ema_is_lazy_over_two_updates():
     torch.manual_seed(1)
     n_k, m, temp = 5, 0.9, 0.07
     loss = DINOLoss(n_k, center_momentum=m)
-    assert loss.center.shape == (1, n_k) and not loss.center.any()
+    assert loss.center.shape == (1, n_k)
+    assert not loss.center.any()
     b1, b2, probe = torch.randn(6, n_k), torch.randn(6, n_k) * 3 + 1, torch.randn(2, n_k)
 
     loss.update_center(b1)
@@ -119,7 +120,8 @@ def test_dino_sinkhorn_matches_loop_reference():
     logits = torch.randn(6, 5)
     temp = 0.5
     out = DINOLoss(5).sinkhorn_knopp_teacher(logits, temp)
-    assert out.dtype == torch.float32 and out.shape == (6, 5)
+    assert out.dtype == torch.float32
+    assert out.shape == (6, 5)
     assert_close(out, loop_sinkhorn_reference(logits.double().tolist(), temp, 3, b_total=6))
     # The last step normalises each sample: rows of the output sum to exactly 1.
     assert_close(out.sum(dim=1), [1.0] * 6)
@@ -330,7 +332,8 @@ def test_koleo_duplicated_rows_finite_value_and_grad():
     x.requires_grad_(True)
     loss = KoLeoLoss()(x)
     loss.backward()
-    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(x.grad).all()
     assert_close(loss, loop_koleo(x.detach()), rtol=1e-4)
 
 

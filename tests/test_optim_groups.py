@@ -34,7 +34,8 @@ def test_backbone_groups():
         assert groups[f"blocks.{i}.attn.qkv.weight"]["wd_multiplier"] == 1.0
         for no_wd in (f"blocks.{i}.attn.qkv.bias", f"blocks.{i}.norm1.weight", f"blocks.{i}.ls1.gamma"):
             assert groups[no_wd]["wd_multiplier"] == 0.0, no_wd
-    assert groups["norm.weight"]["lr_multiplier"] == 1.0 and groups["norm.weight"]["wd_multiplier"] == 0.0
+    assert groups["norm.weight"]["lr_multiplier"] == 1.0
+    assert groups["norm.weight"]["wd_multiplier"] == 0.0
     assert not any(g["is_last_layer"] for g in groups.values())
 
 
@@ -42,9 +43,11 @@ def test_head_groups_and_schedule_application():
     head = DINOHead(32, 64, hidden_dim=48, bottleneck_dim=16)
     groups = param_groups(head)
     by_name = _by_name(groups)
-    assert by_name["last_layer.weight_v"]["is_last_layer"] and by_name["last_layer.weight_g"]["is_last_layer"]
+    assert by_name["last_layer.weight_v"]["is_last_layer"]
+    assert by_name["last_layer.weight_g"]["is_last_layer"]
     assert not by_name["mlp.0.weight"]["is_last_layer"]
-    assert by_name["mlp.0.bias"]["wd_multiplier"] == 0.0 and by_name["mlp.0.weight"]["wd_multiplier"] == 1.0
+    assert by_name["mlp.0.bias"]["wd_multiplier"] == 0.0
+    assert by_name["mlp.0.weight"]["wd_multiplier"] == 1.0
     opt = build_optimizer(groups, (0.9, 0.999), torch.device("cpu"))
     apply_optim_schedule(opt, lr=1e-3, wd=0.04, last_layer_lr=0.0)
     for g in opt.param_groups:

@@ -64,13 +64,16 @@ def test_recipe_schedules_from_config():
     assert all(s.at(i)["last_layer_lr"] == 0.0 for i in range(20))
     assert s.at(20)["last_layer_lr"] == s.at(20)["lr"] > 0
     # wd cosine 0.04 -> 0.4; momentum cosine 0.992 -> 1
-    assert s.at(0)["wd"] == pytest.approx(0.04) and s.at(total)["wd"] == 0.4
+    assert s.at(0)["wd"] == pytest.approx(0.04)
+    assert s.at(total)["wd"] == 0.4
     assert s.at(25)["wd"] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 25 / 50)))
-    assert s.at(0)["momentum"] == pytest.approx(0.992) and s.at(total)["momentum"] == 1.0
+    assert s.at(0)["momentum"] == pytest.approx(0.992)
+    assert s.at(total)["momentum"] == 1.0
     # teacher temperature: linear 0.04 -> 0.07 over 30 iterations (np.linspace end point included), then constant
     temps = [s.at(i)["teacher_temp"] for i in range(30)]
     np.testing.assert_allclose(temps, np.linspace(0.04, 0.07, 30))
-    assert s.at(30)["teacher_temp"] == 0.07 and s.at(45)["teacher_temp"] == 0.07
+    assert s.at(30)["teacher_temp"] == 0.07
+    assert s.at(45)["teacher_temp"] == 0.07
 
 
 def test_scaling_rules():
