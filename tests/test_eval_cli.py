@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from cli_utils import one_line_error as _error
 from eval_fixtures import make_digits_dirs
 
 from ssl_distill.cli import main
@@ -57,14 +58,6 @@ def test_eval_linear_end_to_end_both_modes(tmp_path, digits_dirs):
         dim = 192 * (res["best"]["n_blocks"] + int(res["best"]["avgpool"]))
         assert head["state_dict"]["weight"].shape == (10, dim)
         assert head["classes"] == res["classes"]
-
-
-def _error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_bad_inputs_give_one_line(tmp_path, digits_dirs, capsys):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cli_utils import one_line_error as _error
 from PIL import Image
 
 from ssl_distill.cli import main
@@ -158,14 +159,6 @@ def test_figure_layout_and_pixels(tmp_path, photo_files):
             assert np.array_equal(block, original)
         else:
             assert np.abs(block - original * 0.25).max() <= 1  # darkened outside the mask
-
-
-def _error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_cli_random_weights_on_files_and_folders(tmp_path, photo_files, capsys):
