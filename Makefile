@@ -12,7 +12,8 @@ PYTEST_ARGS ?=
 # benchmarks/gpu_check.sh, which installs them into a temporary --target there (pass `.gpu-wheels` to the device tool's
 # carry). All pure Python: omegaconf 2.4 vendors its ANTLR runtime (antlr4-python3-runtime 4.9.3, which omegaconf 2.3
 # needs, exists only as an sdist); lightly's modules that the baseline imports need none of lightly's requirements
-# (hydra-core, pytorch_lightning), and the GPU machine has timm. fvcore is not used. Optional, tried by the check and
+# (hydra-core, pytorch_lightning), and the GPU machine has timm. fvcore is imported only by `ssl-distill
+# models --flops`, which the check does not run. Optional, tried by the check and
 # used only if it runs there: xFormers 0.0.35, the one release for torch >= 2.10 (stable ABI); its kernels are built
 # for CUDA 12 (libcudart.so.12), so on torch's CUDA 13 build it may fall back to PyTorch's kernels or not run.
 GPU_WHEELS ?= omegaconf==2.4.0 submitit==1.5.4 lightly==1.6.0

@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     "timm>=1.0",
     "omegaconf>=2.3",
     "submitit>=1.5",
+    # per-module FLOP tables (`ssl-distill models --flops`, ssl_distill/models/flops.py); imported only there
+    "fvcore>=0.1.5",
     "numpy>=1.24",
     "pillow>=9.0",
     # SIMD colour jitter and Gaussian blur on uint8 crops (ssl_distill/data/augment.py); headless = no GUI

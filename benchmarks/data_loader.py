@@ -36,7 +36,7 @@ from _common import print_table, sync, write_json  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
 from ssl_distill.data.sample_images import sample_photos  # noqa: E402
-from ssl_distill.train.trainer import build_train_loader  # noqa: E402
+from ssl_distill.train.trainer import build_train_dataset, build_train_loader  # noqa: E402
 
 
 def write_photo_folder(root: Path, n: int, size: tuple[int, int]) -> Path:
@@ -63,7 +63,8 @@ def loader_config(args: argparse.Namespace, folder: Path, workers: int) -> Any:
 def measure(args: argparse.Namespace, folder: Path, workers: int, device: torch.device) -> dict[str, Any]:
     """Steady-state images/s of the training loader with ``workers`` worker processes."""
     t_start = time.perf_counter()
-    loader = build_train_loader(loader_config(args, folder, workers), 0, pin_memory=device.type == "cuda")
+    cfg = loader_config(args, folder, workers)
+    loader = build_train_loader(cfg, build_train_dataset(cfg), 0, pin_memory=device.type == "cuda")
     it = iter(loader)
 
     def take() -> None:

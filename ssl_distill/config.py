@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,114 +51,158 @@ def opt(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-def field_help(section: type, name: str) -> str:
-    """The description of ``section.name`` (empty when it has none)."""
-    for f in fields(section):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
-    raise KeyError(name)
+def field_descriptions(schema: type | None = None, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the one-line description of every field of ``schema`` (default: the whole config)."""
+    out: dict[str, str] = {}
+    for f in fields(schema or SSLConfig):
+        if is_dataclass(f.default_factory):  # a section
+            out.update(field_descriptions(f.default_factory, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = str(f.metadata.get("help", ""))
+    return out
 
 
 @dataclass
 class DinoConfig:
-    loss_weight: float = 1.0
-    head_n_prototypes: int = 65536
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    head_hidden_dim: int = 2048
-    koleo_loss_weight: float = 0.1
+    """The DINO loss on the CLS token and its projection head."""
+
+    loss_weight: float = opt(1.0, "weight of the DINO (CLS-token) terms in the total loss")
+    head_n_prototypes: int = opt(65536, "prototypes K (head output size); the recipe uses 65536, 131072 for "
+                                 "ViT-g; a few thousand suit small data sets and models")
+    head_bottleneck_dim: int = opt(256, "width of the L2-normalised bottleneck before the prototypes (384 for ViT-g)")
+    head_nlayers: int = opt(3, "Linear layers of the head's MLP, GELU between them")
+    head_hidden_dim: int = opt(2048, "hidden width of the head's MLP")
+    koleo_loss_weight: float = opt(0.1, "weight of KoLeo, which spreads the student's CLS tokens of a batch "
+                                   "apart; 0 turns it off")
 
 
 @dataclass
 class IbotConfig:
-    loss_weight: float = 1.0
-    mask_sample_probability: float = 0.5
-    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
-    separate_head: bool = False
-    head_n_prototypes: int = 65536
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
-    head_hidden_dim: int = 2048
+    """The iBOT masked-patch loss, its masks and (optionally) its own head."""
+
+    loss_weight: float = opt(1.0, "weight of the iBOT masked-patch loss; 0 turns it off (the student still sees "
+                             "masked crops unless mask_sample_probability=0)")
+    mask_sample_probability: float = opt(0.5, "fraction of the global crops that get a mask")
+    mask_ratio_min_max: list[float] = opt([0.1, 0.5], "[min, max] fraction of patches masked in a masked crop; "
+                                          "ratios are stratified over the global batch")
+    separate_head: bool = opt(False, "give iBOT a head of its own (ibot.head_*); false: patch tokens share the DINO "
+                              "head, as in the recipe")
+    head_n_prototypes: int = opt(65536, "with separate_head: prototypes of the iBOT head")
+    head_bottleneck_dim: int = opt(256, "with separate_head: bottleneck width of the iBOT head")
+    head_nlayers: int = opt(3, "with separate_head: Linear layers of the iBOT head's MLP")
+    head_hidden_dim: int = opt(2048, "with separate_head: hidden width of the iBOT head's MLP")
 
 
 @dataclass
 class TrainConfig:
-    batch_size_per_gpu: int = 64
-    dataset_path: str = ""
-    output_dir: str = "."
-    seed: int = 0
-    num_workers: int = 10
-    iters_per_epoch: int = 1250  # DINOv2's OFFICIAL_EPOCH_LENGTH
-    centering: str = "centering"  # or "sinkhorn_knopp"
-    bad_image_policy: str = "skip"  # skip (log once, substitute, count) | error
-    sharding: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block)
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a GradScaler)
-    checkpoint_period: int = 1000  # iterations between checkpoints (one is also written at the end)
-    keep_last_checkpoints: int = 3
-    log_period: int = 10  # iterations between metric lines
+    """Data, run length unit, teacher targets, hardware and checkpointing."""
+
+    batch_size_per_gpu: int = opt(64, "images per process and step; the global batch (times the number of "
+                                  "processes) sets the derived optim.lr")
+    dataset_path: str = opt("", "training images (required): a class-folder tree, a folder of images or a text "
+                            "file listing image paths")
+    output_dir: str = opt(".", "recorded from --output-dir when a run starts (the run's config.yaml shows where it "
+                          "ran); set --output-dir instead")
+    seed: int = opt(0, "seeds the initial weights and every random draw (data order, crops, masks, drop path): "
+                    "the same seed gives the same run on any number of processes")
+    num_workers: int = opt(10, "DataLoader processes per rank decoding and augmenting images; 0 = in the main "
+                           "process (debugging)")
+    iters_per_epoch: int = opt(1250, "iterations per 'epoch' of every schedule (DINOv2's OFFICIAL_EPOCH_LENGTH), "
+                               "whatever the data set size")
+    centering: str = opt("centering", "teacher targets: 'centering' (EMA centre, then sharpening) or "
+                         "'sinkhorn_knopp' (3 Sinkhorn-Knopp iterations)")
+    bad_image_policy: str = opt("skip", "an unreadable image: 'skip' (log once, use the next readable one, count it) "
+                                "or 'error' (stop)")
+    sharding: str = opt("ddp", "'ddp' (a model copy per process) or 'fsdp' (FSDP2, parameters sharded per block, "
+                        "for models that do not fit)")
+    device: str = opt("auto", "'auto' (CUDA when available), 'cpu' or 'cuda'")
+    precision: str = opt("auto", "'auto' (bf16 on CUDA, fp32 on CPU), 'fp32', 'bf16' or 'fp16' (with a gradient "
+                         "scaler)")
+    checkpoint_period: int = opt(1000, "iterations between checkpoints; one is also written at the end and on a "
+                                 "stop signal")
+    keep_last_checkpoints: int = opt(3, "checkpoints kept in --output-dir (older ones are deleted); 0 keeps all")
+    log_period: int = opt(10, "iterations between metric lines (console, training_metrics.jsonl, TensorBoard)")
     mode: str = opt("pretrain", "pretrain: self-distillation from an EMA teacher (the DINOv2 recipe); distill: learn "
                                 "from a frozen pretrained teacher (distill.*), e.g. to make a small fast model")
 
 
 @dataclass
 class StudentConfig:
-    arch: str = "vit_large"
-    patch_size: int = 16
-    drop_path_rate: float = 0.3
-    layerscale: float = 1.0e-05
-    drop_path_uniform: bool = True
+    """The backbone architecture (student and teacher share it)."""
+
+    arch: str = opt("vit_large", f"backbone: {', '.join(ARCHS)}")
+    patch_size: int = opt(16, "patch side in pixels (14 in the DINOv2 models); crop sizes must be multiples of it")
+    drop_path_rate: float = opt(0.3, "stochastic-depth rate of the student (the teacher has none); about 0.1 suits "
+                                "small models")
+    layerscale: float = opt(1.0e-05, "initial LayerScale of the residual branches; 0 = no LayerScale")
+    drop_path_uniform: bool = opt(True, "the same drop rate in every block; false: rising linearly from 0 to "
+                                  "drop_path_rate")
     pretrained_weights: str = opt("", "start the student (and its EMA teacher) from these weights: a zoo name "
                                       "(dinov2_vits14), a URL, an official/timm/HF file, an exported backbone or a "
                                       "training checkpoint; the student.* architecture must match them")
     pretrained_heads: bool = opt(False, "with student.pretrained_weights = one of our training checkpoints, also take "
                                         "its DINO/iBOT heads and loss centres (else the heads start fresh)")
-    ffn_layer: str = "mlp"
-    qkv_bias: bool = True
-    proj_bias: bool = True
-    ffn_bias: bool = True
-    num_register_tokens: int = 0
-    interpolate_antialias: bool = False
-    interpolate_offset: float = 0.1
-    attn_impl: str = "auto"  # auto: xFormers on CUDA when installed, else PyTorch SDPA
+    ffn_layer: str = opt("mlp", f"feed-forward layer: {', '.join(FFN_LAYERS)} (ViT-g uses swiglufused)")
+    qkv_bias: bool = opt(True, "bias in the attention's qkv projection")
+    proj_bias: bool = opt(True, "bias in the attention's output projection")
+    ffn_bias: bool = opt(True, "biases in the feed-forward layer")
+    num_register_tokens: int = opt(0, "register tokens (Darcet et al. 2024); the DINOv2 *_reg models use 4")
+    interpolate_antialias: bool = opt(False, "antialias when resizing the position embedding to another image size "
+                                      "(true in the *_reg models)")
+    interpolate_offset: float = opt(0.1, "offset in the position-embedding resize factor (DINO's; 0 in the *_reg "
+                                    "models)")
+    attn_impl: str = opt("auto", "attention kernel: 'auto' (xFormers on CUDA when installed, else PyTorch SDPA), "
+                         "'sdpa', 'xformers' or 'math'")
 
 
 @dataclass
 class TeacherConfig:
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    warmup_teacher_temp: float = 0.04
-    teacher_temp: float = 0.07
-    warmup_teacher_temp_epochs: int = 30
+    """The EMA teacher: momentum and temperature schedules."""
+
+    momentum_teacher: float = opt(0.992, "EMA momentum of the teacher at the start, rising by a cosine to "
+                                  "final_momentum_teacher")
+    final_momentum_teacher: float = opt(1.0, "EMA momentum at the end of training")
+    warmup_teacher_temp: float = opt(0.04, "teacher temperature at the start of its warm-up")
+    teacher_temp: float = opt(0.07, "teacher temperature after the warm-up; lower = sharper targets (above 0.07 "
+                              "training can become unstable)")
+    warmup_teacher_temp_epochs: int = opt(30, "epochs of linear warm-up from warmup_teacher_temp to teacher_temp")
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = 100
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    base_lr: float = 0.004  # learning rate for a global batch size of 1024
-    lr: float = 0.0  # derived from base_lr by scaling_rule and the global batch size at start
-    warmup_epochs: int = 10
-    min_lr: float = 1.0e-06
-    clip_grad: float = 3.0
-    freeze_last_layer_epochs: int = 1
+    """AdamW, its parameter groups and the learning-rate and weight-decay schedules."""
+
+    epochs: int = opt(100, "training length, in epochs of train.iters_per_epoch iterations")
+    weight_decay: float = opt(0.04, "weight decay at the start (cosine schedule to weight_decay_end)")
+    weight_decay_end: float = opt(0.4, "weight decay at the end of training")
+    base_lr: float = opt(0.004, "peak learning rate for a global batch of 1024; scaling_rule adapts it to the real "
+                         "global batch")
+    lr: float = opt(0.0, "peak learning rate; 0 = derived from base_lr by scaling_rule (the recipe); a value > 0 is "
+                    "used as is, ignoring base_lr and scaling_rule")
+    warmup_epochs: int = opt(10, "epochs of linear learning-rate warm-up from 0")
+    min_lr: float = opt(1.0e-06, "learning rate at the end of the cosine decay")
+    clip_grad: float = opt(3.0, "maximum gradient norm of each student part (backbone, heads); 0 = no clipping")
+    freeze_last_layer_epochs: int = opt(1, "epochs with the heads' last layer frozen (steadies the start)")
     freeze_backbone_epochs: int = opt(0, "keep the student backbone fixed (lr 0) for this many epochs while fresh "
                                          "heads warm up on pretrained features; 1-2 epochs when heads start fresh")
-    scaling_rule: str = "sqrt_wrt_1024"
-    patch_embed_lr_mult: float = 0.2
-    layerwise_decay: float = 0.9
-    adamw_beta1: float = 0.9
-    adamw_beta2: float = 0.999
+    scaling_rule: str = opt("sqrt_wrt_1024", "how base_lr follows the global batch: 'sqrt_wrt_1024', "
+                            "'linear_wrt_256' or 'none'")
+    patch_embed_lr_mult: float = opt(0.2, "learning-rate multiplier of the patch embedding")
+    layerwise_decay: float = opt(0.9, "layer-wise lr decay: block i of L learns at decay^(L - i) of the lr; 1 = off")
+    adamw_beta1: float = opt(0.9, "AdamW beta1")
+    adamw_beta2: float = opt(0.999, "AdamW beta2")
 
 
 @dataclass
 class CropsConfig:
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
-    local_crops_number: int = 8
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    global_crops_size: int = 224
-    local_crops_size: int = 96
+    """Multi-crop augmentation: two global crops (teacher and student) and local crops (student only)."""
+
+    global_crops_scale: list[float] = opt([0.32, 1.0], "[min, max] area of a global crop, as a fraction of the "
+                                          "image")
+    local_crops_number: int = opt(8, "local crops per image (student only); 0 = none")
+    local_crops_scale: list[float] = opt([0.05, 0.32], "[min, max] area of a local crop, as a fraction of the image")
+    global_crops_size: int = opt(224, "side of a global crop in pixels (a multiple of student.patch_size)")
+    local_crops_size: int = opt(96, "side of a local crop in pixels (a multiple of student.patch_size)")
 
 
 @dataclass
@@ -184,11 +228,12 @@ class DistillConfig:
 class EvaluationConfig:
     """In-training k-NN monitor of the teacher; off while the datasets are empty."""
 
-    eval_period_iterations: int = 12500
-    knn_train_dataset: str = ""  # class-folder tree used as the k-NN memory bank
-    knn_val_dataset: str = ""  # class-folder tree with the same classes
-    knn_nb: list[int] = field(default_factory=lambda: [10, 20])
-    knn_temperature: float = 0.07
+    eval_period_iterations: int = opt(12500, "iterations between k-NN evaluations of the teacher (one also runs "
+                                      "at the end)")
+    knn_train_dataset: str = opt("", "class-folder tree used as the k-NN memory bank; empty = no monitor")
+    knn_val_dataset: str = opt("", "class-folder tree with the same classes, to score on")
+    knn_nb: list[int] = opt([10, 20], "numbers of neighbours k to report")
+    knn_temperature: float = opt(0.07, "k-NN vote weight exp(similarity / T)")
 
 
 @dataclass

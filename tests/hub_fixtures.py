@@ -28,7 +28,8 @@ def assert_sd_equal(a: dict, b: dict) -> None:
     """Same keys, shapes and values, bit for bit."""
     assert sorted(a) == sorted(b)
     for k in a:
-        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+        assert a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), k
 
 
 def assert_same_tokens(ours: dict, theirs: torch.Tensor, registers: int, atol: float = 1e-4) -> None:

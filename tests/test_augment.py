@@ -35,12 +35,15 @@ def test_shapes_dtype_and_teacher_on_every_photo(photos):
     for photo in photos:  # includes rectangular photos and the grayscale "camera"
         out = aug(photo)
         assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
-        assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3
+        assert len(out["global_crops"]) == 2
+        assert len(out["local_crops"]) == 3
         assert out["offsets"] == ()
         for crop in out["global_crops"]:
-            assert crop.shape == (3, 32, 32) and crop.dtype == torch.float32
+            assert crop.shape == (3, 32, 32)
+            assert crop.dtype == torch.float32
         for crop in out["local_crops"]:
-            assert crop.shape == (3, 16, 16) and crop.dtype == torch.float32
+            assert crop.shape == (3, 16, 16)
+            assert crop.dtype == torch.float32
         assert len(out["global_crops_teacher"]) == 2
         for a, b in zip(out["global_crops_teacher"], out["global_crops"]):
             assert torch.equal(a, b)
@@ -59,7 +62,8 @@ def test_values_are_imagenet_normalised_unit_range(photos):
     torch.manual_seed(1)
     for photo in photos:
         for crop in all_crops(aug(photo)):
-            assert torch.all(crop >= lo) and torch.all(crop <= hi)
+            assert torch.all(crop >= lo)
+            assert torch.all(crop <= hi)
             assert crop.std() > 0.01  # a real photo crop is not constant
 
 
@@ -78,7 +82,8 @@ def test_same_seed_same_crops_different_seed_different(photos):
 def test_zero_local_crops(photos):
     torch.manual_seed(0)
     out = MultiCropAugmentation(local_crops_number=0, global_crops_size=32, local_crops_size=16)(photos[1])
-    assert out["local_crops"] == [] and len(out["global_crops"]) == 2
+    assert out["local_crops"] == []
+    assert len(out["global_crops"]) == 2
 
 
 def test_pil_and_uint8_tensor_inputs_agree(photos):
@@ -106,7 +111,8 @@ def test_grayscale_inputs_become_three_equal_channels(photos):
         torch.manual_seed(9)
         for crop in all_crops(aug(inp)):
             rgb01 = crop * STD + MEAN  # undo the normalisation: a gray image has R == G == B
-            assert torch.allclose(rgb01[0], rgb01[1], atol=1e-5) and torch.allclose(rgb01[1], rgb01[2], atol=1e-5)
+            assert torch.allclose(rgb01[0], rgb01[1], atol=1e-5)
+            assert torch.allclose(rgb01[1], rgb01[2], atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -140,9 +146,11 @@ def test_bad_inputs_raise_type_errors(photos):
 
 def test_documented_probabilities_and_reference_difference():
     assert (MultiCropAugmentation.global1_blur_p, MultiCropAugmentation.global2_blur_p) == (1.0, 0.1)
-    assert MultiCropAugmentation.local_blur_p == 0.5 and MultiCropAugmentation.global2_solarize_p == 0.2
+    assert MultiCropAugmentation.local_blur_p == 0.5
+    assert MultiCropAugmentation.global2_solarize_p == 0.2
     doc = MultiCropAugmentation.__doc__
-    assert "keep_p = 1 - p" in doc and "0.9" in doc
+    assert "keep_p = 1 - p" in doc
+    assert "0.9" in doc
 
 
 # --- empirical rates of the random ops -------------------------------------------------------------------
@@ -188,7 +196,8 @@ def test_blur_rates_are_as_stated_not_inverted(photos):
     torch.manual_seed(0)
     for pipeline, p in ((aug.global_transfo1, 1.0), (aug.global_transfo2, 0.1), (aug.local_transfo, 0.5)):
         spy, blur = swap_in_spy(pipeline, v2.GaussianBlur)
-        assert list(blur.kernel_size) == [9, 9] and list(blur.sigma) == [0.1, 2.0]
+        assert list(blur.kernel_size) == [9, 9]
+        assert list(blur.sigma) == [0.1, 2.0]
         for _ in range(n):
             pipeline(image)
         assert_rate(spy.calls, n, p)
@@ -215,14 +224,16 @@ def test_colour_jitter_and_grayscale_rates(photos):
     aug = MultiCropAugmentation(local_crops_number=1, global_crops_size=8, local_crops_size=8)
     image = torch.from_numpy(np.array(photos[0].resize((24, 16)))).permute(2, 0, 1).contiguous()
     spy, jitter = swap_in_spy(aug.local_transfo, v2.ColorJitter)
-    assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)
+    assert jitter.brightness == (0.6, 1.4)
+    assert jitter.hue == (-0.1, 0.1)
     torch.manual_seed(0)
     n = 400
     for _ in range(n):
         aug.local_transfo(image)
     assert_rate(spy.calls, n, 0.8)
     gray = [s for s in steps(aug.local_transfo) if isinstance(s, v2.RandomGrayscale)]
-    assert len(gray) == 1 and gray[0].p == 0.2
+    assert len(gray) == 1
+    assert gray[0].p == 0.2
 
 
 # --- the OpenCV / fused kernels against torchvision's ---------------------------------------------------
@@ -236,7 +247,8 @@ def photo_crops(photos, size: int = 96) -> list[torch.Tensor]:
 
 
 def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    assert a.shape == b.shape
+    assert a.dtype == b.dtype == torch.uint8
     return (a.int() - b.int()).abs()
 
 
@@ -259,7 +271,8 @@ def test_opencv_colour_jitter_matches_torchvision_per_op(photos, op):
                 out = jitter.transform(inp, jitter_params(**{f"{op}_factor": factor}))
                 diff = abs_diff(out, reference(inp, factor))
                 if op == "saturation":
-                    assert diff.max() <= 1 and diff.float().mean() < 0.1, (factor, diff.max(), diff.float().mean())
+                    assert diff.max() <= 1, (factor, diff.max(), diff.float().mean())
+                    assert diff.float().mean() < 0.1, (factor, diff.max(), diff.float().mean())
                 else:
                     assert diff.max() == 0, (factor, diff.max())
 
@@ -271,7 +284,8 @@ def test_opencv_hue_is_torchvision_hue_quantised_to_8_bit_hsv(photos):
     for photo, crop in zip(photos, photo_crops(photos)):
         for factor in (-0.1, -0.03, 0.002, 0.05, 0.1):
             diff = abs_diff(jitter.transform(crop, jitter_params(hue_factor=factor)), TF.adjust_hue(crop, factor))
-            assert diff.max() <= 8 and diff.float().mean() < 0.75, (photo.info["name"], factor, diff.max())
+            assert diff.max() <= 8, (photo.info["name"], factor, diff.max())
+            assert diff.float().mean() < 0.75, (photo.info["name"], factor, diff.max())
             if photo.mode == "L":
                 assert diff.max() == 0
     crop = photo_crops(photos)[0]
@@ -291,7 +305,8 @@ def test_opencv_colour_jitter_random_permutation_matches_torchvision(photos):
                 torch.manual_seed(seed)
                 diffs.append(abs_diff(out, reference(crop)).flatten())
         diff = torch.cat(diffs).float()
-        assert diff.max() <= max_diff and diff.mean() < mean_diff, (args, diff.max(), diff.mean())
+        assert diff.max() <= max_diff, (args, diff.max(), diff.mean())
+        assert diff.mean() < mean_diff, (args, diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.8, 2.0])
@@ -304,7 +319,8 @@ def test_opencv_gaussian_blur_matches_torchvision(photos, sigma):
     for inp in inputs:  # planar, channels-last, gray (stride-0 channels) and cropped-view memory
         out = blur.transform(inp, {"sigma": [sigma, sigma]})
         diff = abs_diff(out, TF.gaussian_blur(inp, [9, 9], [sigma, sigma]))
-        assert diff.max() <= 1 and diff.float().mean() < 0.25  # OpenCV blurs uint8 with a fixed-point kernel
+        assert diff.max() <= 1
+        assert diff.float().mean() < 0.25  # OpenCV blurs uint8 with a fixed-point kernel
 
 
 def test_non_uint8_inputs_fall_back_to_torchvision_exactly(photos):
@@ -325,7 +341,8 @@ def test_non_uint8_inputs_fall_back_to_torchvision_exactly(photos):
             if isinstance(out, Image.Image):
                 assert np.array_equal(np.asarray(out), np.asarray(expected))
             else:
-                assert out.dtype == inp.dtype and torch.equal(out, expected)
+                assert out.dtype == inp.dtype
+                assert torch.equal(out, expected)
 
 
 def test_random_resized_crop_is_bit_identical_and_channels_last(photos):
@@ -339,7 +356,8 @@ def test_random_resized_crop_is_bit_identical_and_channels_last(photos):
             torch.manual_seed(seed)
             out = ours(image)
             torch.manual_seed(seed)
-            assert torch.equal(out, reference(image)) and out.dtype == torch.uint8
+            assert torch.equal(out, reference(image))
+            assert out.dtype == torch.uint8
             assert out.permute(1, 2, 0).is_contiguous()
 
 
@@ -347,7 +365,8 @@ def test_uint8_tensor_inputs_become_channels_last_without_changing_values(photos
     hwc = torch.from_numpy(np.array(photos[0]))
     planar = hwc.permute(2, 0, 1).contiguous()
     out = to_rgb_uint8(planar)
-    assert torch.equal(out, planar) and out.permute(1, 2, 0).is_contiguous()
+    assert torch.equal(out, planar)
+    assert out.permute(1, 2, 0).is_contiguous()
     channels_last = hwc.permute(2, 0, 1)
     assert to_rgb_uint8(channels_last).data_ptr() == channels_last.data_ptr()  # no copy
 
@@ -358,7 +377,9 @@ def test_fused_to_float_normalize_matches_todtype_and_normalize(photos):
     two_steps = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
     for inp in (photo_crops(photos)[0], photo_crops(photos)[1].contiguous()):
         out = fused(inp)
-        assert out.dtype == torch.float32 and out.shape == inp.shape and out.is_contiguous()
+        assert out.dtype == torch.float32
+        assert out.shape == inp.shape
+        assert out.is_contiguous()
         torch.testing.assert_close(out, two_steps(inp), rtol=0, atol=1e-5)
     x = torch.rand(3, 8, 8)
     assert torch.equal(fused(x), v2.Normalize(mean, std)(x))  # float input: plain Normalize
@@ -369,9 +390,12 @@ def test_pipeline_uses_the_opencv_ops_single_threaded(photos):
     ops = [s.transforms[0] for s in aug.global_transfo1.transforms if isinstance(s, v2.RandomApply)]
     blurs = [op for op in ops if isinstance(op, v2.GaussianBlur)]
     jitters = [op for op in ops if isinstance(op, v2.ColorJitter)]
-    assert len(blurs) == 1 and isinstance(blurs[0], GaussianBlur)
-    assert list(blurs[0].kernel_size) == [9, 9] and list(blurs[0].sigma) == [0.1, 2.0]
-    assert len(jitters) == 1 and isinstance(jitters[0], ColorJitter)
+    assert len(blurs) == 1
+    assert isinstance(blurs[0], GaussianBlur)
+    assert list(blurs[0].kernel_size) == [9, 9]
+    assert list(blurs[0].sigma) == [0.1, 2.0]
+    assert len(jitters) == 1
+    assert isinstance(jitters[0], ColorJitter)
     assert isinstance(aug.global_transfo1.transforms[0], RandomResizedCrop)
     torch.manual_seed(0)
     for crop in all_crops(aug(photos[0])):

@@ -41,4 +41,5 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     assert all(r["top1_agree"] for r in knn_rows)
     for name in ("train_step_cpu", "data_pipeline", "knn"):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
-        assert payload["rows"] and "environment" in payload
+        assert payload["rows"]
+        assert "environment" in payload

@@ -41,7 +41,8 @@ def test_save_prunes_and_points_to_latest(tmp_path):
     assert (tmp_path / "last_checkpoint").read_text().strip() == "model_0000040.pth"
     assert not list(tmp_path.glob(".*.tmp"))
     state = load_checkpoint(find_latest_checkpoint(tmp_path))
-    assert state["iteration"] == 40 and state["model"]["teacher.backbone.cls_token"][0, 0, 0] == 40
+    assert state["iteration"] == 40
+    assert state["model"]["teacher.backbone.cls_token"][0, 0, 0] == 40
 
 
 def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -76,7 +77,8 @@ def test_export_backbone_strips_prefix(tmp_path):
     ckpt = save_checkpoint(tmp_path, _state(5))
     out = export_backbone(ckpt, tmp_path / "teacher_backbone.pth")
     weights = torch.load(out, weights_only=True)
-    assert list(weights) == ["cls_token"] and weights["cls_token"][0, 0, 0] == 5
+    assert list(weights) == ["cls_token"]
+    assert weights["cls_token"][0, 0, 0] == 5
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
@@ -86,14 +88,18 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path,
     (tmp_path / "model_0000006.pth").write_bytes(good[: len(good) // 2])  # truncated by a full disk / a kill -9
     with caplog.at_level("WARNING"):
         path, state = load_latest_intact(tmp_path)
-    assert path.name == "model_0000004.pth" and state["iteration"] == 4
+    assert path.name == "model_0000004.pth"
+    assert state["iteration"] == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and "model_0000006.pth" in warnings[0] and "model_0000006.pth.damaged" in warnings[0]
+    assert len(warnings) == 1
+    assert "model_0000006.pth" in warnings[0]
+    assert "model_0000006.pth.damaged" in warnings[0]
     # never deleted: kept aside, out of the pruning and of the next resume (which no longer warns)
     assert (tmp_path / "model_0000006.pth.damaged").read_bytes() == good[: len(good) // 2]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["model_0000002.pth", "model_0000004.pth"]
     caplog.clear()
-    assert load_latest_intact(tmp_path)[0].name == "model_0000004.pth" and not caplog.records
+    assert load_latest_intact(tmp_path)[0].name == "model_0000004.pth"
+    assert not caplog.records
 
 
 @pytest.mark.parametrize("pointer", [b"\x00\x9f\x92\x96garbage\xff", b"config.yaml\n", b"model_0000009.pth\n"])
@@ -104,7 +110,8 @@ def test_unusable_last_checkpoint_pointer_is_ignored(tmp_path, pointer, caplog):
     (tmp_path / "last_checkpoint").write_bytes(pointer)
     with caplog.at_level("WARNING"):
         path, state = load_latest_intact(tmp_path)
-    assert path.name == "model_0000004.pth" and state["iteration"] == 4
+    assert path.name == "model_0000004.pth"
+    assert state["iteration"] == 4
     assert (tmp_path / "config.yaml").read_text() == "optim:\n  epochs: 1\n"  # a user's file is never renamed
     if pointer != b"model_0000009.pth\n":  # a missing file is simply not a candidate
         assert len([r for r in caplog.records if r.levelname == "WARNING"]) == 1

@@ -15,9 +15,11 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_are_the_dinov2_recipe():
     cfg = default_config()
     assert (cfg.dino.head_n_prototypes, cfg.dino.head_bottleneck_dim, cfg.dino.head_hidden_dim) == (65536, 256, 2048)
-    assert cfg.dino.head_nlayers == 3 and cfg.ibot.head_nlayers == 3
+    assert cfg.dino.head_nlayers == 3
+    assert cfg.ibot.head_nlayers == 3
     assert cfg.dino.koleo_loss_weight == 0.1
-    assert list(cfg.ibot.mask_ratio_min_max) == [0.1, 0.5] and cfg.ibot.mask_sample_probability == 0.5
+    assert list(cfg.ibot.mask_ratio_min_max) == [0.1, 0.5]
+    assert cfg.ibot.mask_sample_probability == 0.5
     assert (cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher) == (0.992, 1.0)
     assert (cfg.teacher.warmup_teacher_temp, cfg.teacher.teacher_temp) == (0.04, 0.07)
     assert cfg.teacher.warmup_teacher_temp_epochs == 30
@@ -25,11 +27,14 @@ def test_defaults_are_the_dinov2_recipe():
     assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end) == (0.04, 0.4)
     assert (cfg.optim.warmup_epochs, cfg.optim.clip_grad, cfg.optim.layerwise_decay) == (10, 3.0, 0.9)
     assert (cfg.optim.patch_embed_lr_mult, cfg.optim.freeze_last_layer_epochs) == (0.2, 1)
-    assert list(cfg.crops.global_crops_scale) == [0.32, 1.0] and cfg.crops.global_crops_size == 224
-    assert list(cfg.crops.local_crops_scale) == [0.05, 0.32] and cfg.crops.local_crops_size == 96
+    assert list(cfg.crops.global_crops_scale) == [0.32, 1.0]
+    assert cfg.crops.global_crops_size == 224
+    assert list(cfg.crops.local_crops_scale) == [0.05, 0.32]
+    assert cfg.crops.local_crops_size == 96
     assert cfg.crops.local_crops_number == 8
     assert (cfg.student.drop_path_rate, cfg.student.layerscale) == (0.3, 1e-5)
-    assert cfg.train.centering == "centering" and cfg.train.iters_per_epoch == 1250
+    assert cfg.train.centering == "centering"
+    assert cfg.train.iters_per_epoch == 1250
 
 
 def test_section_names_match_dinov2():
@@ -136,3 +141,77 @@ def test_bad_yaml_files(tmp_path):
 def test_warmup_longer_than_training_is_rejected():
     with pytest.raises(ConfigError, match="'optim.warmup_epochs'.*exceed optim.epochs=3"):
         load_config(None, ["optim.epochs=3"])
+
+
+# ---------------------------------------------------------------- descriptions and `ssl-distill config`
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in node.items()
+            for k in (_leaf_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
+
+
+def test_every_field_has_a_one_line_description():
+    from omegaconf import OmegaConf
+
+    from ssl_distill.config import field_descriptions
+
+    helps = field_descriptions()
+    assert sorted(helps) == sorted(_leaf_keys(OmegaConf.to_container(default_config())))
+    for key, text in helps.items():
+        assert len(text) >= 10, key  # says something
+        assert "\n" not in text, key
+
+
+def _printed_rows(text: str) -> dict[str, str]:
+    """Dotted key -> its comment, from the lines of `ssl-distill config`."""
+    rows, section = {}, None
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        if not line.startswith(" "):
+            section = line.rstrip(":")
+            continue
+        entry, comment = line.split("# ", 1)
+        rows[f"{section}.{entry.split(':')[0].strip()}"] = comment
+    return rows
+
+
+def test_config_command_prints_the_merged_config_with_descriptions(capsys):
+    from omegaconf import OmegaConf
+
+    from ssl_distill.cli import main
+    from ssl_distill.config import field_descriptions
+
+    tiny = str(REPO / "configs" / "tiny_cpu.yaml")
+    assert main(["config", "--config-file", tiny, "optim.epochs=3", "student.layerscale=0.0001"]) == 0
+    out = capsys.readouterr().out
+    merged = load_config(tiny, ["optim.epochs=3", "student.layerscale=0.0001"])
+    assert yaml.safe_load(out) == OmegaConf.to_container(merged)  # valid YAML with exactly the merged values
+    rows = _printed_rows(out)
+    helps = field_descriptions()
+    assert sorted(rows) == sorted(helps)
+    defaults = OmegaConf.to_container(default_config())
+    tiny_keys = {f"{s}.{k}" for s, sec in yaml.safe_load(Path(tiny).read_text()).items() for k in sec}
+    for key, comment in rows.items():
+        section, name = key.split(".")
+        changed = OmegaConf.select(merged, key) != defaults[section][name]
+        assert comment.startswith("* default ") == changed, key
+        assert comment.endswith(helps[key]), key
+        if key in ("optim.epochs", "student.layerscale"):
+            assert changed
+    assert rows["optim.epochs"].startswith("* default 100 | ")
+    assert rows["student.layerscale"].startswith("* default 1.0e-05 | ")
+    assert not rows["optim.base_lr"].startswith("*")
+    assert any(rows[k].startswith("*") for k in tiny_keys)
+
+
+def test_config_command_changed_only_and_errors(capsys):
+    from ssl_distill.cli import main
+
+    assert main(["config", "--changed", "optim.epochs=30", "ibot.mask_ratio_min_max=[0.2,0.4]"]) == 0
+    rows = _printed_rows(capsys.readouterr().out)
+    assert sorted(rows) == ["ibot.mask_ratio_min_max", "optim.epochs"]
+    assert rows["ibot.mask_ratio_min_max"].startswith("* default [0.1, 0.5] | ")
+    assert main(["config", "--changed"]) == 0
+    assert "every value is the default" in capsys.readouterr().out
+    assert main(["config", "optim.epochs=0"]) == 2
+    assert "'optim.epochs'" in capsys.readouterr().err

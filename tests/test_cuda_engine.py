@@ -20,7 +20,7 @@ from ssl_distill.cli import main
 from ssl_distill.config import load_config
 from ssl_distill.data.digits import write_digits_folders
 from ssl_distill.distributed import free_port
-from ssl_distill.eval.commands import KNN_RESULTS
+from ssl_distill.eval.args import KNN_RESULTS
 from ssl_distill.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
 from ssl_distill.train.trainer import Trainer
@@ -114,7 +114,8 @@ def test_train_sigkill_and_resume_is_bit_identical(tmp_path, photo_folder, devic
     assert ref.returncode == 0, ref.stderr[-3000:]
     killed = train(killed_dir, kill_after="model_0000002.pth")
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
-    assert (killed_dir / "model_0000002.pth").exists() and not (killed_dir / "teacher_backbone.pth").exists()
+    assert (killed_dir / "model_0000002.pth").exists()
+    assert not (killed_dir / "teacher_backbone.pth").exists()
     resumed = train(killed_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr

@@ -58,7 +58,9 @@ def test_class_folder_tree(tmp_path):
     assert rel(ds, tmp_path) == [("cat/z.jpg", 0), ("dog/a.PNG", 1), ("dog/b.png", 1)]
     assert ds.targets == [0, 1, 1]
     img, label = ds[2]
-    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (8, 8)
+    assert isinstance(img, Image.Image)
+    assert img.mode == "RGB"
+    assert img.size == (8, 8)
     assert (red(img), label) == (1, 1)
     assert ds[-1][1] == 1
     with pytest.raises(IndexError):
@@ -100,7 +102,8 @@ def test_labelled_false_ignores_classes(tmp_path):
     write_png(tmp_path / "a" / "x.png", 1)
     write_png(tmp_path / "b" / "y.png", 2)
     ds = build_image_dataset(tmp_path, labelled=False)
-    assert ds.classes == [] and ds.targets == [-1, -1]
+    assert ds.classes == []
+    assert ds.targets == [-1, -1]
 
 
 def test_list_file(tmp_path):
@@ -125,7 +128,9 @@ def test_transform_is_applied(tmp_path):
     write_png(tmp_path / "a.png", 7)
     ds = build_image_dataset(tmp_path, transform=lambda im: torch.from_numpy(np.asarray(im).copy()))
     x, label = ds[0]
-    assert x.shape == (8, 8, 3) and int(x[0, 0, 0]) == 7 and label == -1
+    assert x.shape == (8, 8, 3)
+    assert int(x[0, 0, 0]) == 7
+    assert label == -1
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -140,7 +145,8 @@ def test_empty_folder_lists_extensions(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         build_image_dataset(tmp_path)
     msg = str(info.value)
-    assert str(tmp_path) in msg and all(ext in msg for ext in IMG_EXTENSIONS)
+    assert str(tmp_path) in msg
+    assert all(ext in msg for ext in IMG_EXTENSIONS)
 
 
 def test_folder_with_only_text_files(tmp_path):
@@ -149,7 +155,9 @@ def test_folder_with_only_text_files(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         build_image_dataset(tmp_path)
     msg = str(info.value)
-    assert "readme.txt" in msg and ".jpeg" in msg and ".webp" in msg
+    assert "readme.txt" in msg
+    assert ".jpeg" in msg
+    assert ".webp" in msg
 
 
 def test_list_file_with_missing_entries(tmp_path):
@@ -159,8 +167,10 @@ def test_list_file_with_missing_entries(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         build_image_dataset(tmp_path / "list.txt")
     msg = str(info.value)
-    assert "7 of 8 entries" in msg and "list.txt" in msg
-    assert all(n in msg for n in names[:5]) and names[6] not in msg  # names the first few only
+    assert "7 of 8 entries" in msg
+    assert "list.txt" in msg
+    assert all(n in msg for n in names[:5])
+    assert names[6] not in msg  # names the first few only
 
 
 def test_empty_list_file(tmp_path):
@@ -214,7 +224,8 @@ def test_error_policy_names_the_file(tmp_path, kind, name):
     assert red(ds[0][0]) == 1
     with pytest.raises(BrokenImageError) as info:
         ds[1]
-    assert str(broken) in str(info.value) and "train.bad_image_policy=skip" in str(info.value)
+    assert str(broken) in str(info.value)
+    assert "train.bad_image_policy=skip" in str(info.value)
     assert isinstance(info.value, ValueError)
 
 
@@ -278,7 +289,8 @@ def test_dataloader_workers_report_broken_count(tmp_path):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
     total, reds = 0, []
     for images, labels, flags in loader:  # the consumer's side of the contract
-        assert flags.dtype == torch.int64 and flags.shape == (images.shape[0],)
+        assert flags.dtype == torch.int64
+        assert flags.shape == (images.shape[0],)
         assert labels.tolist() == [-1] * images.shape[0]
         total += int(flags.sum())
         reds += images[:, 0, 0, 0].tolist()
@@ -346,7 +358,8 @@ def test_float_and_32_bit_images_are_scaled_or_refused(tmp_path, caplog):
     write_png(bad / "z_ok.png", 9)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         img, _ = build_image_dataset(bad, bad_image_policy="skip")[0]  # both refused, replaced by the PNG
-    assert red(img) == 9 and sum("greyscale image" in r.getMessage() for r in caplog.records) == 2
+    assert red(img) == 9
+    assert sum("greyscale image" in r.getMessage() for r in caplog.records) == 2
 
 
 _NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
@@ -384,5 +397,7 @@ def test_unreadable_class_folder_is_reported_like_a_broken_image(tmp_path):
         locked.chmod(0o755)
     skip, error = runs["skip"], runs["error"]
     assert "OK 4 ['cat', 'dog']" in skip.stdout, skip.stdout + skip.stderr
-    assert "1 folder(s) under" in skip.stderr and "eel (Permission denied)" in skip.stderr
-    assert "ERROR cannot read 1 folder(s)" in error.stdout and "bad_image_policy=skip" in error.stdout, error.stdout
+    assert "1 folder(s) under" in skip.stderr
+    assert "eel (Permission denied)" in skip.stderr
+    assert "ERROR cannot read 1 folder(s)" in error.stdout, error.stdout
+    assert "bad_image_policy=skip" in error.stdout, error.stdout

@@ -17,7 +17,8 @@ def test_demo_pretrained_teacher_beats_random_init(tmp_path):
            "train.num_workers=0"]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "pretrained teacher" in proc.stdout and "random init" in proc.stdout
+    assert "pretrained teacher" in proc.stdout
+    assert "random init" in proc.stdout
     results = json.loads((out / "demo_results.json").read_text())
     rows = {r["backbone"]: r for r in results["rows"]}
     random_acc = rows["random init"]["k=20 top-1 (%)"]
@@ -25,7 +26,9 @@ def test_demo_pretrained_teacher_beats_random_init(tmp_path):
     assert teacher_acc >= random_acc + 15, rows  # 60 iterations already give a clear gain
     assert rows["raw pixels (reference)"]["k=20 top-1 (%)"] > 90
     assert (out / "loss_curve.png").stat().st_size > 10_000
-    assert (out / "run" / "teacher_backbone.pth").exists() and (out / "run" / "training_metrics.jsonl").exists()
+    assert (out / "run" / "teacher_backbone.pth").exists()
+    assert (out / "run" / "training_metrics.jsonl").exists()
     # a second run in the same directory reuses the finished run instead of training again
     again = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and json.loads((out / "demo_results.json").read_text())["rows"] == results["rows"]
+    assert again.returncode == 0
+    assert json.loads((out / "demo_results.json").read_text())["rows"] == results["rows"]

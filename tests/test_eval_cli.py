@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from cli_utils import one_line_error as _error
 from eval_fixtures import make_digits_dirs
 
 from ssl_distill.cli import main
@@ -31,8 +32,11 @@ def test_eval_knn_end_to_end(tmp_path, digits_dirs):
                str(tmp_path / "cache")])
     assert rc == 0
     res = json.loads((tmp_path / "out" / "results_eval_knn.json").read_text())
-    assert res["n_train"] == 120 and res["n_val"] == 60 and res["classes"] == [str(d) for d in range(10)]
-    assert set(res["results"]) == {"all", "2-shot"} and set(res["results"]["all"]) == {"k=1", "k=10"}
+    assert res["n_train"] == 120
+    assert res["n_val"] == 60
+    assert res["classes"] == [str(d) for d in range(10)]
+    assert set(res["results"]) == {"all", "2-shot"}
+    assert set(res["results"]["all"]) == {"k=1", "k=10"}
     for entry in res["results"]["all"].values():
         assert 0.0 <= entry["top1"] <= entry["top5"] <= 100.0
     assert len(list((tmp_path / "cache").glob("features_*.pt"))) == 2  # train and val
@@ -52,14 +56,8 @@ def test_eval_linear_end_to_end_both_modes(tmp_path, digits_dirs):
         assert res["best"]["top1"] == max(h["top1"] for h in res["heads"])
         head = torch.load(out / "best_linear_head.pth", weights_only=True)
         dim = 192 * (res["best"]["n_blocks"] + int(res["best"]["avgpool"]))
-        assert head["state_dict"]["weight"].shape == (10, dim) and head["classes"] == res["classes"]
-
-
-def _error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    return err[0]
+        assert head["state_dict"]["weight"].shape == (10, dim)
+        assert head["classes"] == res["classes"]
 
 
 def test_bad_inputs_give_one_line(tmp_path, digits_dirs, capsys):
@@ -84,7 +82,8 @@ def test_bad_inputs_give_one_line(tmp_path, digits_dirs, capsys):
     blocked = tmp_path / "a_file"
     blocked.write_text("")
     line = _error(capsys, ["eval-knn", *[a if a != str(tmp_path / "o") else str(blocked / "out") for a in args]])
-    assert "Not a directory" in line and "a part of that path is a file" in line
+    assert "Not a directory" in line
+    assert "a part of that path is a file" in line
 
 
 def test_val_labels_follow_train_classes(tmp_path, digits_dirs):
@@ -95,4 +94,5 @@ def test_val_labels_follow_train_classes(tmp_path, digits_dirs):
     for d in ("2", "9"):
         shutil.copytree(val / d, subset / d)
     tr, va = load_labelled_datasets(str(train), str(subset), None, None)
-    assert sorted(set(va.targets)) == [2, 9] and va.classes == tr.classes
+    assert sorted(set(va.targets)) == [2, 9]
+    assert va.classes == tr.classes

@@ -34,7 +34,8 @@ def _reference(model, dataset):
 def test_extract_features_in_dataset_order():
     model, ds = tiny_backbone(), TensorImages(11)
     feats = extract_features(model, ds, batch_size=4, n_last_blocks=2)
-    assert feats["cls"].shape == (11, 2, 192) and feats["patch_mean"].shape == (11, 192)
+    assert feats["cls"].shape == (11, 2, 192)
+    assert feats["patch_mean"].shape == (11, 192)
     ref_cls, ref_pm = _reference(model, ds)
     torch.testing.assert_close(feats["cls"][:, -1], ref_cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats["patch_mean"], ref_pm, atol=1e-5, rtol=1e-5)
@@ -109,4 +110,5 @@ def test_eval_transform_resizes_then_centre_crops():
     assert out.shape == (3, 32, 32)
     # shorter side 50 -> round(32 * 256 / 224) = 37 (width 74, red up to x=37); the centre crop starts at x=21
     red = (out[0] > out[1]).float().mean(dim=0)
-    assert red[:16].min() == 1 and red[18:].max() == 0
+    assert red[:16].min() == 1
+    assert red[18:].max() == 0

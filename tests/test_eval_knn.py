@@ -112,10 +112,12 @@ def test_k_larger_than_the_train_set_is_reported_under_the_k_used(caplog):
     with caplog.at_level("WARNING"):
         res = knn_few_shot(train, train_labels, test, test_labels, [1, 500], 0.07, [-1, 2])
     n = train.shape[0]
-    assert set(res["all"]) == {"k=1", f"k={n}"} and res["all"][f"k={n}"]["k_requested"] == 500
+    assert set(res["all"]) == {"k=1", f"k={n}"}
+    assert res["all"][f"k={n}"]["k_requested"] == 500
     assert set(res["2-shot"]) == {"k=1", f"k={n_two_shot}"}
     assert "k_requested" not in res["all"]["k=1"]
     full = _brute_force(train, train_labels, test, test_labels, n, 0.07, C)[0]
     assert res["all"][f"k={n}"]["top1"] == pytest.approx(full)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warned) == 2 and f"k=500 is larger than the {n} train samples" in warned[0]
+    assert len(warned) == 2
+    assert f"k=500 is larger than the {n} train samples" in warned[0]

@@ -32,13 +32,17 @@ def _feats(n=120, blocks=4, dim=6, num_classes=3, seed=0):
 
 
 def test_grid_and_inputs():
-    assert len(DEFAULT_LEARNING_RATES) == 13 and DEFAULT_LEARNING_RATES[0] == 1e-5 and DEFAULT_LEARNING_RATES[-1] == 0.1
+    assert len(DEFAULT_LEARNING_RATES) == 13
+    assert DEFAULT_LEARNING_RATES[0] == 1e-5
+    assert DEFAULT_LEARNING_RATES[-1] == 0.1
     specs = head_grid([0.1, 0.01])
-    assert len(specs) == 8 and len({s.name for s in specs}) == 8
+    assert len(specs) == 8
+    assert len({s.name for s in specs}) == 8
     f = _feats(n=5)
     x = linear_input(f, 4, True)
     assert x.shape == (5, 30)
-    assert torch.equal(x[:, :6], f["cls"][:, 0]) and torch.equal(x[:, 18:24], f["cls"][:, 3])
+    assert torch.equal(x[:, :6], f["cls"][:, 0])
+    assert torch.equal(x[:, 18:24], f["cls"][:, 3])
     assert torch.equal(x[:, 24:], f["patch_mean"])
     assert torch.equal(linear_input(f, 1, False), f["cls"][:, 3])
     heads = LinearHeads(specs, 6, 3)
@@ -50,7 +54,8 @@ def test_grid_and_inputs():
 
 
 def test_cosine_factor():
-    assert cosine_factor(0, 10) == 1.0 and cosine_factor(10, 10) == pytest.approx(0.0)
+    assert cosine_factor(0, 10) == 1.0
+    assert cosine_factor(10, 10) == pytest.approx(0.0)
     assert cosine_factor(5, 10) == pytest.approx(0.5)
 
 
@@ -61,7 +66,8 @@ def test_training_learns_and_best_head_is_selected():
     heads = LinearHeads(specs, 6, 3)
     w_tiny = heads.heads[1].weight.detach().clone()
     losses = train_heads(heads, tensor_batches(train, 16), epochs=8, iters_per_epoch=8)
-    assert len(losses) == 64 and losses[-1] < losses[0]
+    assert len(losses) == 64
+    assert losses[-1] < losses[0]
     acc = evaluate_heads(heads, val)
     expected = [100.0 * float((h(linear_input(val, s.n_blocks, s.avgpool)).argmax(1) == val["labels"]).float().mean())
                 for s, h in zip(specs, heads.heads)]
@@ -69,7 +75,8 @@ def test_training_learns_and_best_head_is_selected():
     assert acc[0] > 90.0
     assert (heads.heads[1].weight - w_tiny).abs().max() < 1e-3  # lr 1e-6 barely moves
     summary = summarize(specs, acc)
-    assert summary["best"]["top1"] == max(acc) and len(summary["heads"]) == 3
+    assert summary["best"]["top1"] == max(acc)
+    assert len(summary["heads"]) == 3
     assert summary["best"]["name"] == specs[summary["best"]["index"]].name
 
 

@@ -33,7 +33,9 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert [s["name"] for s in report["steps"]] == STEPS
     assert all(s["status"] == "ok" for s in report["steps"]), report["steps"]
     tests = report["cuda_tests"]
-    assert tests["failed"] == 0 and tests["error"] == 0 and tests["passed"] >= 10, tests
+    assert tests["failed"] == 0, tests
+    assert tests["error"] == 0, tests
+    assert tests["passed"] >= 10, tests
     assert {t["name"].split("::")[-1].split("[")[0] for t in tests["tests"]} >= {
         "test_attention_kernel_matches_math_on_packed_crops", "test_backbone_kernel_matches_math_with_packed_crops_"
         "and_masks", "test_training_step_bf16_autocast_matches_fp32", "test_fsdp2_matches_ddp_on_one_device",
@@ -50,7 +52,8 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
         assert payload["precision"] == "bf16"
         assert all(r["step_s"] > 0 and r["gflop_per_step"] > 0 and 0 < r["mfu"] for r in payload["rows"])
     loader = report["data_loader"]
-    assert [r["workers"] for r in loader["rows"]] == [0, 2] and all(r["images_per_s"] > 0 for r in loader["rows"])
+    assert [r["workers"] for r in loader["rows"]] == [0, 2]
+    assert all(r["images_per_s"] > 0 for r in loader["rows"])
     assert {f["arch"] for f in loader["feed"]} == {"vit_tiny"}
     assert [t["target"] for t in report["targets"]][:2] == ["every CUDA test passes", "ViT-L/14 bf16 MFU >= 45%"]
     assert report["targets"][0]["met"] is True

@@ -22,7 +22,8 @@ def test_key_layout_matches_dinov2() -> None:
         "mlp.4.weight": (16, 48), "mlp.4.bias": (16,),
         "last_layer.weight_g": (100, 1), "last_layer.weight_v": (100, 16),
     }  # fmt: skip
-    assert isinstance(head.mlp[1], nn.GELU) and isinstance(head.mlp[3], nn.GELU)
+    assert isinstance(head.mlp[1], nn.GELU)
+    assert isinstance(head.mlp[3], nn.GELU)
 
 
 def test_nlayers1_bn_and_no_bias_variants() -> None:
@@ -65,7 +66,8 @@ def test_weight_norm_rows_and_reference_parametrization() -> None:
     x = torch.randn(5, 16)
     torch.testing.assert_close(wn(x), ref(x))
     wn(x).sum().backward()
-    assert wn.weight_g.grad is not None and wn.weight_v.grad is not None
+    assert wn.weight_g.grad is not None
+    assert wn.weight_v.grad is not None
 
 
 def test_forward_normalises_bottleneck_before_last_layer() -> None:

@@ -123,7 +123,8 @@ def test_interrupted_transfer_resumes_with_range(server: Server, tmp_path: Path)
     data = bytes(range(256)) * 400
     url = server.add("/f.bin", data, drops=1)
     dest = download_url(url, tmp_path / "f.bin")
-    assert dest.read_bytes() == data and not (tmp_path / "f.bin.partial").exists()
+    assert dest.read_bytes() == data
+    assert not (tmp_path / "f.bin.partial").exists()
     assert server.requests == [("/f.bin", None), ("/f.bin", f"bytes={len(data) // 2}-")]
 
 
@@ -134,9 +135,11 @@ def test_next_run_resumes_a_partial_file(server: Server, tmp_path: Path) -> None
         download_url(url, tmp_path / "g.bin", retries=0)
     assert "bytes kept" in str(err.value)
     partial = tmp_path / "g.bin.partial"
-    assert partial.read_bytes() == data[: len(data) // 2] and not (tmp_path / "g.bin").exists()
+    assert partial.read_bytes() == data[: len(data) // 2]
+    assert not (tmp_path / "g.bin").exists()
     download_url(url, tmp_path / "g.bin", sha256=hashlib.sha256(data).hexdigest())
-    assert (tmp_path / "g.bin").read_bytes() == data and not partial.exists()
+    assert (tmp_path / "g.bin").read_bytes() == data
+    assert not partial.exists()
     assert server.requests[-1] == ("/g.bin", f"bytes={len(data) // 2}-")
 
 
@@ -165,7 +168,8 @@ def test_concurrent_downloads_of_one_file_fetch_it_once(server: Server, tmp_path
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and (tmp_path / "shared.bin").read_bytes() == data
+    assert errors == []
+    assert (tmp_path / "shared.bin").read_bytes() == data
     assert server.requests == [("/shared.bin", None)]
 
 
@@ -282,7 +286,8 @@ def test_offline_uses_cache_or_says_what_to_download_where(server: Server, isola
     with pytest.raises(HubError) as err:
         hub.load(entry)
     msg = str(err.value)
-    assert "SSL_DISTILL_OFFLINE=1" in msg and f"{server.base}/zoo/tiny/tiny_pretrain.pth" in msg
+    assert "SSL_DISTILL_OFFLINE=1" in msg
+    assert f"{server.base}/zoo/tiny/tiny_pretrain.pth" in msg
     assert str(isolated_cache / "tiny_pretrain.pth") in msg
     assert server.requests == []
     isolated_cache.mkdir(parents=True)
@@ -297,7 +302,8 @@ def test_base_url_mirror_keeps_official_relative_paths(server: Server, isolated_
     server.add("/mirror/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", b"small stand-in file")
     monkeypatch.setenv("SSL_DISTILL_BASE_URL", server.base + "/mirror/dinov2/")
     path = hub.download("dinov2_vits14")
-    assert path == isolated_cache / "dinov2_vits14_pretrain.pth" and path.read_bytes() == b"small stand-in file"
+    assert path == isolated_cache / "dinov2_vits14_pretrain.pth"
+    assert path.read_bytes() == b"small stand-in file"
     assert server.requests == [("/mirror/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", None)]
 
 
@@ -310,7 +316,8 @@ def test_cli_download_to_dest(server: Server, tmp_path: Path, monkeypatch: pytes
     assert main(["download", "dinov2_vitb14_reg", "--dest", str(tmp_path / "w"), "--sha256", "-q"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "w" / "dinov2_vitb14_reg4_pretrain.pth").read_bytes() == data
-    assert hashlib.sha256(data).hexdigest() in out and "dinov2_vitb14_reg4_pretrain.pth" in out
+    assert hashlib.sha256(data).hexdigest() in out
+    assert "dinov2_vitb14_reg4_pretrain.pth" in out
     assert main(["download", "dinov2_vitb14_regs"]) == 2
     assert "did you mean 'dinov2_vitb14_reg'" in capsys.readouterr().err.lower()
     assert main(["download", "dinov2_vitl14"]) == 2  # not on the mirror
@@ -326,7 +333,9 @@ def test_official_name_loads_full_size_weights_from_mirror(server: Server, monke
     monkeypatch.setenv("SSL_DISTILL_BASE_URL", server.base)
     model = hub.load("dinov2_vits14_reg")
     assert_same_weights(model, ref)
-    assert model.num_register_tokens == 4 and model.interpolate_antialias and model.interpolate_offset == 0.0
+    assert model.num_register_tokens == 4
+    assert model.interpolate_antialias
+    assert model.interpolate_offset == 0.0
 
 
 # ----------------------------------------------------------------------------- verification before and in the cache

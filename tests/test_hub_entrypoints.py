@@ -64,12 +64,15 @@ def test_every_official_backbone_and_classifier_name_is_listed() -> None:
     spec.loader.exec_module(module)
     public = [f for f in dir(module) if callable(getattr(module, f)) and not f.startswith("_")]  # torch.hub.list
     assert sorted(public) == sorted(OFFICIAL)
-    assert "block_chunks" in module.dinov2_vitg14_reg.__doc__ and "layers" in module.dinov2_vitg14_reg_lc.__doc__
+    assert "block_chunks" in module.dinov2_vitg14_reg.__doc__
+    assert "layers" in module.dinov2_vitg14_reg_lc.__doc__
 
 
 def test_official_backbone_calls_offline_from_the_cache(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = hub_load("dinov2_vits14", pretrained=False, block_chunks=0)  # the acceptance call, verbatim
-    assert len(model.blocks) == 12 and model.embed_dim == 384 and model.interpolate_offset == 0.1
+    assert len(model.blocks) == 12
+    assert model.embed_dim == 384
+    assert model.interpolate_offset == 0.1
     ref = randomise(hub.load("dinov2_vits14", pretrained=False, depth=2), seed=1)
     torch.save(ref.state_dict(), cache / "dinov2_vits14_pretrain.pth")  # a file placed in the cache
     monkeypatch.setenv("SSL_DISTILL_OFFLINE", "1")
@@ -81,7 +84,8 @@ def test_official_backbone_calls_offline_from_the_cache(cache: Path, monkeypatch
                      mlp_ratio=4, qkv_bias=True, ffn_bias=True, proj_bias=True, drop_path_rate=0.1,
                      drop_path_uniform=True, init_values=1e-5, ffn_layer="swiglufused", block_chunks=1,
                      num_register_tokens=2, interpolate_antialias=False, interpolate_offset=0.1)
-    assert model.pos_embed.shape == (1, 1 + 16 * 16, 768) and model.num_register_tokens == 2
+    assert model.pos_embed.shape == (1, 1 + 16 * 16, 768)
+    assert model.num_register_tokens == 2
     assert (model.interpolate_antialias, model.interpolate_offset) == (False, 0.1)
 
 
@@ -120,8 +124,11 @@ def test_linear_classifier_from_the_official_urls(name: str, layers: int, head_p
         monkeypatch.setenv("SSL_DISTILL_BASE_URL", base)
         kwargs = {} if layers == 4 else {"layers": 1}  # layers=4 is the official default
         model = hub_load(f"{name}_lc", block_chunks=0, depth=4, **kwargs)
-    assert isinstance(model, LinearClassifier) and model.classes is None and not model.training
-    assert model.layers == layers and model.linear_head.weight.shape == (1000, (1 + layers) * 384)
+    assert isinstance(model, LinearClassifier)
+    assert model.classes is None
+    assert not model.training
+    assert model.layers == layers
+    assert model.linear_head.weight.shape == (1000, (1 + layers) * 384)
     assert (cache / Path(head_path).name).is_file()  # verified download into the cache
     with torch.no_grad():
         torch.testing.assert_close(model(x), official_logits(ref, head, layers, x))
@@ -164,7 +171,8 @@ def test_head_saved_by_eval_linear_loads_as_the_classifier(tmp_path: Path, cache
     best = json.loads((out / "results_eval_linear.json").read_text())["best"]
     saved = torch.load(out / "best_linear_head.pth", weights_only=True)
     model = hub_load("dinov2_vits14_lc", weights=str(out / "best_linear_head.pth"), layers=best["n_blocks"])
-    assert model.classes == [str(d) for d in range(10)] and model.avgpool == best["avgpool"]
+    assert model.classes == [str(d) for d in range(10)]
+    assert model.avgpool == best["avgpool"]
     _, val_set = load_labelled_datasets(str(train), str(val), None, make_eval_transform(28))
     images = torch.stack([val_set[i][0] for i in range(len(val_set))])
     labels = torch.tensor([val_set[i][1] for i in range(len(val_set))])

@@ -107,7 +107,8 @@ def test_cli_round_trip_through_hf_is_bit_exact(keys: str, R: int, ffn: str, tmp
     save_weights(ours.state_dict(), tmp_path / "ours.pth")
     assert main(["convert", "--to", "hf", "--hf-keys", keys, str(tmp_path / "ours.pth"), str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out
-    assert f"({keys} key names)" in out and "config.json" in out
+    assert f"({keys} key names)" in out
+    assert "config.json" in out
     assert ("no registers" in out and "56x56 px" in out) == (R == 0)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["hidden_size"], config["num_attention_heads"], config["num_register_tokens"] if R else 0) == \

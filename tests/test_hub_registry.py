@@ -43,15 +43,18 @@ def test_official_architectures_and_parameter_counts(name: str) -> None:
     with torch.device("meta"):
         model = hub.load(name, pretrained=False)
     assert (model.embed_dim, model.n_blocks, model.num_heads, model.num_register_tokens) == (D, depth, heads, R)
-    assert model.patch_size == 14 and model.pos_embed.shape == (1, 1 + 37 * 37, D)  # 518 px / 14 = 37
-    assert entry.arch_kwargs["init_values"] == 1.0 and entry.arch_kwargs["img_size"] == 518
+    assert model.patch_size == 14
+    assert model.pos_embed.shape == (1, 1 + 37 * 37, D)  # 518 px / 14 = 37
+    assert entry.arch_kwargs["init_values"] == 1.0
+    assert entry.arch_kwargs["img_size"] == 518
     assert isinstance(model.blocks[0].mlp, SwiGLUFFNFused) == swiglu
     assert (model.interpolate_antialias, model.interpolate_offset) == ((True, 0.0) if R else (False, 0.1))
     n = sum(p.numel() for p in model.parameters())
     assert entry.params == n
     assert abs(n / 1e6 - published_m) / published_m < 0.06  # published counts are rounded ("21 M", "1,100 M")
     assert (entry.knn_top1, entry.linear_top1) == (knn, linear)
-    assert entry.license == "Apache-2.0" and entry.sha256 is None
+    assert entry.license == "Apache-2.0"
+    assert entry.sha256 is None
 
 
 def test_layerscale_starts_at_one() -> None:
@@ -75,7 +78,8 @@ def test_official_urls_and_mirror_override(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_linear_head_urls_follow_the_official_naming(monkeypatch: pytest.MonkeyPatch) -> None:
     base = "https://dl.fbaipublicfiles.com/dinov2"
-    assert len(LINEAR_HEADS) == 16 and {b for b, _ in LINEAR_HEADS} == set(OFFICIAL)
+    assert len(LINEAR_HEADS) == 16
+    assert {b for b, _ in LINEAR_HEADS} == set(OFFICIAL)
     assert get_linear_head("dinov2_vits14").url() == f"{base}/dinov2_vits14/dinov2_vits14_linear4_head.pth"
     assert get_linear_head("dinov2_vitb14", 1).url() == f"{base}/dinov2_vitb14/dinov2_vitb14_linear_head.pth"
     assert get_linear_head("dinov2_vitg14_reg", 1).url() == \
@@ -102,7 +106,9 @@ def test_hubconf_exposes_the_registry_names_and_loads_locally() -> None:
     public = {f for f in dir(module) if callable(getattr(module, f)) and not f.startswith("_")}  # torch.hub.list
     assert public == set(hub.MODELS) | {f"{name}_lc" for name in hub.MODELS}  # backbones + linear classifiers
     model = torch.hub.load(str(REPO), "dinov2_vits14_reg", source="local", pretrained=False, depth=1)
-    assert model.num_register_tokens == 4 and model.embed_dim == 384 and len(model.blocks) == 1
+    assert model.num_register_tokens == 4
+    assert model.embed_dim == 384
+    assert len(model.blocks) == 1
     assert not model.training
 
 
@@ -111,11 +117,14 @@ def test_cli_models_table_and_json(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for name, (*_, knn, linear, _m) in OFFICIAL.items():
         row = next(line for line in out.splitlines() if line.startswith(name + " "))
-        assert f"{knn:.1f}" in row and f"{linear:.1f}" in row and "Apache-2.0" in row
+        assert f"{knn:.1f}" in row
+        assert f"{linear:.1f}" in row
+        assert "Apache-2.0" in row
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in rows] == list(OFFICIAL)
-    assert rows[0]["url"].endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth") and rows[0]["sha256"] is None
+    assert rows[0]["url"].endswith("/dinov2_vits14/dinov2_vits14_pretrain.pth")
+    assert rows[0]["sha256"] is None
     assert rows[6]["arch_kwargs"]["ffn_layer"] == "swiglufused"
 
 

@@ -27,12 +27,14 @@ def test_training_checkpoint_uses_its_config_and_teacher(tmp_path):
     model.update({f"student.backbone.{k}": torch.zeros_like(v) for k, v in sd.items()})
     path = save_checkpoint(tmp_path, {"iteration": 5, "model": model, "config": config_to_yaml(cfg)})
     backbone, info = load_pretrained_backbone(str(path))  # no --config-file: the stored config has registers
-    assert info["source"] == "checkpoint" and backbone.num_register_tokens == 2
+    assert info["source"] == "checkpoint"
+    assert backbone.num_register_tokens == 2
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, sd[k]), k
     exported = export_backbone(path, tmp_path / "backbone.pth")
     again, info2 = load_pretrained_backbone(str(exported), TINY, ["student.num_register_tokens=2"])
-    assert info2["source"] == "state_dict" and info2["weights_hash"] == info["weights_hash"]
+    assert info2["source"] == "state_dict"
+    assert info2["weights_hash"] == info["weights_hash"]
 
 
 def test_register_mismatch_names_the_fix(tmp_path):
@@ -86,7 +88,8 @@ def test_random_weights_are_seeded_and_hashed():
     assert ia["weights_hash"] == ib["weights_hash"] != ic["weights_hash"] == id_["weights_hash"]
     torch.manual_seed(0)
     assert torch.equal(torch.rand(3), after)  # the caller's RNG stream is left where it was
-    assert not a.training and not any(p.requires_grad for p in a.parameters())
+    assert not a.training
+    assert not any(p.requires_grad for p in a.parameters())
 
 
 def test_unsafe_pickles_and_garbage_get_complete_messages(tmp_path, capsys):

@@ -58,7 +58,8 @@ def test_matches_reference_loop_bit_for_bit(size, kwargs):
         n = random.Random(1000 + seed).randint(0, size[0] * size[1] // 2)
         ours = MaskingGenerator(size, rng=random.Random(seed), **kwargs)(n)
         ref = reference_mask(*size, n, random.Random(seed), **kwargs)
-        assert ours.dtype == np.bool_ and ours.shape == size
+        assert ours.dtype == np.bool_
+        assert ours.shape == size
         assert np.array_equal(ours, ref), (seed, n)
 
 
@@ -94,11 +95,15 @@ def test_single_blocks_are_rectangles_within_aspect_and_area(min_aspect, max_asp
             continue
         r0, r1, c0, c1 = bounding_box(mask)
         h, w = r1 - r0, c1 - c0
-        assert mask[r0:r1, c0:c1].all() and mask.sum() == delta == h * w  # one filled rectangle
-        assert h < 12 and w < 14 and delta <= max_mask
+        assert mask[r0:r1, c0:c1].all()
+        assert mask.sum() == delta == h * w  # one filled rectangle
+        assert h < 12
+        assert w < 14
+        assert delta <= max_mask
         # h = round(sqrt(t * a)), w = round(sqrt(t / a)) for some aspect a in [lo_a, hi_a] and area t >= 4
         a_lo, a_hi = (h - 0.5) / (w + 0.5), (h + 0.5) / max(w - 0.5, 1e-9)
-        assert a_lo <= hi_a + 1e-9 and a_hi >= lo_a - 1e-9, (h, w)
+        assert a_lo <= hi_a + 1e-9, (h, w)
+        assert a_hi >= lo_a - 1e-9, (h, w)
         assert (h + 0.5) * (w + 0.5) >= 4
         if min_aspect == max_aspect == 1.0:
             assert h == w
@@ -153,8 +158,10 @@ def test_seeding():
 def test_repr_shape_and_alias():
     gen = MaskingGenerator((6, 9))
     text = repr(gen)
-    assert "(6, 9)" in text and "max_num_patches=54" in text
-    assert gen.get_shape() == (6, 9) and gen.num_patches == 54
+    assert "(6, 9)" in text
+    assert "max_num_patches=54" in text
+    assert gen.get_shape() == (6, 9)
+    assert gen.num_patches == 54
     assert "min_num_patches=4" in repr(MaskingGenerator(5, max_num_patches=None))
     assert BlockMaskGenerator is MaskingGenerator
 

@@ -87,20 +87,27 @@ def test_vit_small_reg4_example_and_giant2_swiglu_sizes() -> None:
         s = vit_small(patch_size=14, img_size=518, init_values=1.0, num_register_tokens=4)
         g = vit_giant2(patch_size=14, ffn_layer="swiglufused")
     sd = shapes(s)
-    assert sd["pos_embed"] == (1, 1370, 384) and sd["register_tokens"] == (1, 4, 384)
-    assert sd["mask_token"] == (1, 384) and sd["blocks.11.attn.qkv.weight"] == (1152, 384)
-    assert sd["blocks.0.ls1.gamma"] == (384,) and "blocks.12.norm1.weight" not in sd
+    assert sd["pos_embed"] == (1, 1370, 384)
+    assert sd["register_tokens"] == (1, 4, 384)
+    assert sd["mask_token"] == (1, 384)
+    assert sd["blocks.11.attn.qkv.weight"] == (1152, 384)
+    assert sd["blocks.0.ls1.gamma"] == (384,)
+    assert "blocks.12.norm1.weight" not in sd
     gd = shapes(g)
-    assert gd["blocks.39.mlp.w12.weight"] == (8192, 1536) and gd["blocks.0.mlp.w3.weight"] == (1536, 4096)
+    assert gd["blocks.39.mlp.w12.weight"] == (8192, 1536)
+    assert gd["blocks.0.mlp.w3.weight"] == (1536, 4096)
     assert not any(".fc1." in k or "gamma" in k for k in gd)  # init_values None -> no LayerScale
-    assert "register_tokens" not in gd and "head.weight" not in gd
+    assert "register_tokens" not in gd
+    assert "head.weight" not in gd
 
 
 def test_swiglu_names_and_forward() -> None:
     a, b = tiny(ffn_layer="swiglu"), tiny(ffn_layer="swiglufused")
-    assert shapes(a) == shapes(b) and isinstance(a.blocks[0].mlp, SwiGLUFFNFused)
+    assert shapes(a) == shapes(b)
+    assert isinstance(a.blocks[0].mlp, SwiGLUFFNFused)
     ffn = SwiGLUFFNFused(16, 64)
-    assert ffn.w12.weight.shape == (96, 16) and ffn.w3.weight.shape == (16, 48)  # (int(64*2/3)+7)//8*8 = 48
+    assert ffn.w12.weight.shape == (96, 16)
+    assert ffn.w3.weight.shape == (16, 48)  # (int(64*2/3)+7)//8*8 = 48
     x = torch.randn(3, 16)
     h = x @ ffn.w12.weight.T + ffn.w12.bias
     ref = (F.silu(h[:, :48]) * h[:, 48:]) @ ffn.w3.weight.T + ffn.w3.bias
@@ -110,10 +117,12 @@ def test_swiglu_names_and_forward() -> None:
 def test_init_and_drop_path_schedule() -> None:
     m = tiny(init_values=0.25, num_register_tokens=2, drop_path_rate=0.3, depth=4)
     assert torch.count_nonzero(m.mask_token) == 0
-    assert m.cls_token.abs().max() < 1e-4 and m.register_tokens.abs().max() < 1e-4
+    assert m.cls_token.abs().max() < 1e-4
+    assert m.register_tokens.abs().max() < 1e-4
     assert 0.01 < m.pos_embed.std() < 0.03
     assert torch.equal(m.blocks[1].ls2.gamma, torch.full((64,), 0.25))
-    assert torch.count_nonzero(m.blocks[0].attn.qkv.bias) == 0 and torch.count_nonzero(m.blocks[3].mlp.fc2.bias) == 0
+    assert torch.count_nonzero(m.blocks[0].attn.qkv.bias) == 0
+    assert torch.count_nonzero(m.blocks[3].mlp.fc2.bias) == 0
     assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
     u = tiny(drop_path_rate=0.3, drop_path_uniform=True, depth=3)
     assert [b.drop_path2.drop_prob for b in u.blocks] == pytest.approx([0.3] * 3)
@@ -252,12 +261,14 @@ def test_list_of_crops_equals_separate_forwards() -> None:
     g, loc = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 24)  # 2 globals x B=2; 6 rectangular locals
     mg = torch.rand(4, 16) < 0.5
     outs = m.forward_features([g, loc], [mg, None])
-    assert isinstance(outs, list) and len(outs) == 2
+    assert isinstance(outs, list)
+    assert len(outs) == 2
     for out, ref in zip(outs, [m.forward_features(g, mg), m.forward_features(loc)]):
         assert out.keys() == ref.keys()
         for k in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm"):
             torch.testing.assert_close(out[k], ref[k], atol=1e-6, rtol=1e-6)
-    assert outs[0]["masks"] is mg and outs[1]["masks"] is None
+    assert outs[0]["masks"] is mg
+    assert outs[1]["masks"] is None
     assert outs[1]["x_norm_patchtokens"].shape == (6, 6, 64)
     cls = m([g, loc])
     torch.testing.assert_close(cls[1], outs[1]["x_norm_clstoken"])
@@ -304,7 +315,8 @@ def test_get_intermediate_layers() -> None:
     # explicit computation of block 0's normalised output
     t = m.blocks[0](m.prepare_tokens_with_masks(x))
     outs = m.get_intermediate_layers(x, n=[2, 0], return_class_token=True)
-    assert isinstance(outs, tuple) and len(outs) == 2
+    assert isinstance(outs, tuple)
+    assert len(outs) == 2
     torch.testing.assert_close(outs[1][0], m.norm(t)[:, 3:])
     torch.testing.assert_close(outs[1][1], m.norm(t)[:, 0])
     torch.testing.assert_close(outs[0][1], ff["x_norm_clstoken"])

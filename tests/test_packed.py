@@ -37,7 +37,8 @@ def _run(model, glob, loc, masks):
 def test_pack_unpack_roundtrip():
     xs = [torch.randn(2, 5, 4), torch.randn(3, 2, 4)]
     packed, layout = pack_tokens(xs)
-    assert packed.shape == (16, 4) and layout == [(2, 5), (3, 2)]
+    assert packed.shape == (16, 4)
+    assert layout == [(2, 5), (3, 2)]
     for a, b in zip(unpack_tokens(packed, layout), xs):
         assert torch.equal(a, b)
 
@@ -160,7 +161,8 @@ def test_stochastic_depth_runs_branches_on_kept_samples_only(packed):
     masks = [_which_kept(blk, t, o, keep) for t, o in zip(xs, out)]
     a_keep = torch.cat([m[0] for m in masks])
     f_keep = torch.cat([m[1] for m in masks])
-    assert 0.3 < a_keep.float().mean() < 0.7 and 0.3 < f_keep.float().mean() < 0.7
+    assert 0.3 < a_keep.float().mean() < 0.7
+    assert 0.3 < f_keep.float().mean() < 0.7
     # The FFN saw only the kept samples' tokens (one call packed, one per batch otherwise).
     kept_tokens = [int(m[1].sum()) * t.shape[1] for m, t in zip(masks, xs)]
     assert seen[: (1 if packed else 2)] == ([sum(kept_tokens)] if packed else [m[1].sum().item() for m in masks])
@@ -187,7 +189,8 @@ def test_stochastic_depth_dropping_everything_keeps_every_parameter_in_the_graph
     assert torch.equal(out, x)
     out.sum().backward()
     for n, p in blk.named_parameters():
-        assert p.grad is not None and not p.grad.any(), n
+        assert p.grad is not None, n
+        assert not p.grad.any(), n
     blk.eval()
     assert not torch.equal(blk(x), x)  # eval mode never drops
 

@@ -55,12 +55,15 @@ def test_sigterm_and_ctrl_c_checkpoint_the_current_iteration(tmp_path, photo_fol
     proc.send_signal(signum)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum, stdout[-3000:]
-    assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout
+    assert "Traceback" not in stdout
+    assert "KeyboardInterrupt" not in stdout
     last = [line for line in stdout.splitlines() if line.strip()][-1]
     name = signal.Signals(signum).name
-    assert last.startswith(f"ssl-distill train: stopped by {name} at iteration ") and "Run the same command" in last
+    assert last.startswith(f"ssl-distill train: stopped by {name} at iteration ")
+    assert "Run the same command" in last
     stopped_at = int(last.split("at iteration ")[1].split(";")[0])
-    assert (out / f"model_{stopped_at:07d}.pth").exists() and not (out / "teacher_backbone.pth").exists()
+    assert (out / f"model_{stopped_at:07d}.pth").exists()
+    assert not (out / "teacher_backbone.pth").exists()
     assert [r["iteration"] for r in read_metrics(out)] == list(range(1, stopped_at + 1))  # nothing after the stop
     resumed = run_train(out, _overrides(photo_folder))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -85,12 +88,14 @@ def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path, photo_folder):
     rest, _ = proc.communicate(timeout=120)
     output = "".join(seen) + rest
     assert proc.returncode == 130, output[-3000:]
-    assert "Ctrl-C again to exit at once" in output and "Traceback" not in output
+    assert "Ctrl-C again to exit at once" in output
+    assert "Traceback" not in output
     last = [line for line in output.splitlines() if line.strip()][-1]
     assert last.startswith("ssl-distill train: interrupted; exited at once without saving")
     assert "model_0000002.pth" in last  # where a rerun resumes
     saved = [p.name for p in list_checkpoints(out)]
-    assert saved == ["model_0000002.pth"] and not list(out.glob(".*.tmp"))
+    assert saved == ["model_0000002.pth"]
+    assert not list(out.glob(".*.tmp"))
 
 
 @pytest.mark.slow
@@ -101,8 +106,10 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path, photo_folder, r
     second = run_train(out, _overrides(photo_folder))
     assert second.returncode == 2
     err = second.stderr.strip().splitlines()
-    assert len(err) == 1 and "is in use by another training run" in err[0], second.stderr
-    assert f"process {first.pid} on " in err[0] and "choose another --output-dir" in err[0]
+    assert len(err) == 1, second.stderr
+    assert "is in use by another training run" in err[0], second.stderr
+    assert f"process {first.pid} on " in err[0]
+    assert "choose another --output-dir" in err[0]
     stdout, _ = first.communicate(timeout=300)
     assert first.returncode == 0, stdout[-3000:]
     assert _losses(out) == _losses(reference)  # every metric line once, the checkpoints its own
@@ -142,7 +149,8 @@ def test_a_truncated_latest_checkpoint_falls_back_and_continues(tmp_path, photo_
     latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk during the kill
     resumed = run_train(out, _overrides(photo_folder))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"cannot resume from {latest}" in resumed.stderr and f"kept it as {latest}.damaged" in resumed.stderr
+    assert f"cannot resume from {latest}" in resumed.stderr
+    assert f"kept it as {latest}.damaged" in resumed.stderr
     assert (out / f"{latest.name}.damaged").stat().st_size == 1000  # kept, never deleted
     assert _losses(out) == _losses(reference)
 
@@ -159,12 +167,15 @@ def test_user_mistakes_in_train_are_one_line(tmp_path, photo_folder):
         out = blocker / "run" if expected == "Not a directory" else tmp_path / "run"
         proc = run_train(out, overrides)
         err = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(err) == 1, proc.stderr[-3000:]
-        assert err[0].startswith("ssl-distill train: error: ") and expected in err[0], err
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert len(err) == 1, proc.stderr[-3000:]
+        assert err[0].startswith("ssl-distill train: error: "), err
+        assert expected in err[0], err
     (tmp_path / "cfgdir").mkdir()
     proc = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "train", "--config-file", str(tmp_path / "cfgdir"),
                            "--output-dir", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "is a directory; pass a YAML file" in proc.stderr
+    assert proc.returncode == 2
+    assert "is a directory; pass a YAML file" in proc.stderr
 
 
 def test_an_unwritable_output_directory_is_one_line(tmp_path, photo_folder):

@@ -64,13 +64,16 @@ def test_recipe_schedules_from_config():
     assert all(s.at(i)["last_layer_lr"] == 0.0 for i in range(20))
     assert s.at(20)["last_layer_lr"] == s.at(20)["lr"] > 0
     # wd cosine 0.04 -> 0.4; momentum cosine 0.992 -> 1
-    assert s.at(0)["wd"] == pytest.approx(0.04) and s.at(total)["wd"] == 0.4
+    assert s.at(0)["wd"] == pytest.approx(0.04)
+    assert s.at(total)["wd"] == 0.4
     assert s.at(25)["wd"] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 25 / 50)))
-    assert s.at(0)["momentum"] == pytest.approx(0.992) and s.at(total)["momentum"] == 1.0
+    assert s.at(0)["momentum"] == pytest.approx(0.992)
+    assert s.at(total)["momentum"] == 1.0
     # teacher temperature: linear 0.04 -> 0.07 over 30 iterations (np.linspace end point included), then constant
     temps = [s.at(i)["teacher_temp"] for i in range(30)]
     np.testing.assert_allclose(temps, np.linspace(0.04, 0.07, 30))
-    assert s.at(30)["teacher_temp"] == 0.07 and s.at(45)["teacher_temp"] == 0.07
+    assert s.at(30)["teacher_temp"] == 0.07
+    assert s.at(45)["teacher_temp"] == 0.07
 
 
 def test_scaling_rules():
@@ -86,3 +89,15 @@ def test_scaling_uses_global_batch():
     cfg = load_config(None, ["train.batch_size_per_gpu=32", "optim.scaling_rule=linear_wrt_256"])
     assert apply_scaling_rules(cfg, world_size=8) == pytest.approx(0.004)
     assert cfg.optim.lr == pytest.approx(0.004)
+
+
+def test_a_set_lr_wins_over_the_scaling_rule_and_zero_derives_it(caplog):
+    cfg = load_config(None, ["train.batch_size_per_gpu=32", "optim.lr=0.0123"])
+    with caplog.at_level("INFO"):
+        assert apply_scaling_rules(cfg, world_size=8) == 0.0123
+    assert "optim.lr=0.0123 is set" in caplog.text
+    assert cfg.optim.lr == 0.0123
+    assert build_schedules(cfg).lr.base_value == 0.0123  # the peak of the cosine schedule
+    derived = load_config(None, ["train.batch_size_per_gpu=32"])  # optim.lr=0: sqrt rule, global batch 256
+    assert apply_scaling_rules(derived, world_size=8) == pytest.approx(0.004 * 0.5)
+    assert apply_scaling_rules(derived, world_size=2) == pytest.approx(0.002)  # now set: it stays

@@ -21,7 +21,7 @@ import torch
 from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
 from train_utils import TINY, cli_env, run_train, tiny_overrides
 
-from ssl_distill.cli import _build_parser, main
+from ssl_distill.cli import build_parser, main
 from ssl_distill.data.digits import write_digits_folders
 from ssl_distill.launch import slurm
 from ssl_distill.models import vit_tiny
@@ -33,7 +33,7 @@ LOSS_KEYS = ("dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "i
 
 
 def _submit_args(*argv: str):
-    return _build_parser().parse_args(["submit", *argv])
+    return build_parser().parse_args(["submit", *argv])
 
 
 # -- fast: no cluster --------------------------------------------------------------------------------------------
@@ -67,7 +67,9 @@ def test_executor_parameters_from_flags_and_environment(tmp_path, fake_slurm_too
     assert setup[0] == "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-10}"
     cpu = slurm.executor_parameters(_submit_args("--gpus-per-node", "0", "--tasks-per-node", "2", "--job-name", "j",
                                                  "--output-dir", str(tmp_path), "eval-knn"), {})
-    assert cpu["tasks_per_node"] == 2 and "gpus_per_node" not in cpu and "slurm_partition" not in cpu
+    assert cpu["tasks_per_node"] == 2
+    assert "gpus_per_node" not in cpu
+    assert "slurm_partition" not in cpu
     assert cpu["name"] == "j"
     with pytest.raises(slurm.SubmitError, match="one task per GPU"):
         slurm.executor_parameters(_submit_args("--tasks-per-node", "2", "--output-dir", "x", "train"), {})
@@ -79,8 +81,11 @@ def test_missing_slurm_is_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / squeue anywhere
     assert main(["submit", "--output-dir", str(tmp_path / "run"), "train", "--config-file", TINY]) == 2
     err = capsys.readouterr().err
-    assert "Slurm is not available" in err and "sbatch and squeue not found" in err
-    assert "ssl-distill train" in err and "torchrun" in err and "Traceback" not in err
+    assert "Slurm is not available" in err
+    assert "sbatch and squeue not found" in err
+    assert "ssl-distill train" in err
+    assert "torchrun" in err
+    assert "Traceback" not in err
     assert not (tmp_path / "run").exists()
 
 
@@ -91,7 +96,8 @@ def test_finished_run_is_refused_unless_continued(tmp_path, photo_folder, fake_s
     argv = ["submit", "--output-dir", str(out), "train", "--config-file", TINY, f"train.dataset_path={photo_folder}"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "already holds a finished training run" in err and "--continue" in err
+    assert "already holds a finished training run" in err
+    assert "--continue" in err
     slurm.check_output_dir("train", out, continue_run=True)  # told to continue: accepted
     slurm.check_output_dir("eval-knn", out, continue_run=False)  # no k-NN results there yet
     (out / "results_eval_knn.json").write_text("{}")
@@ -114,8 +120,10 @@ def test_unconfigured_slurm_is_one_line_with_the_local_alternative(tmp_path, pho
     assert main(argv) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl-distill submit: error: sbatch refused the job"), captured.err
-    assert lines[0].count("fake sbatch: not a cluster") == 1 and "To run without Slurm" in lines[0]
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("ssl-distill submit: error: sbatch refused the job"), captured.err
+    assert lines[0].count("fake sbatch: not a cluster") == 1
+    assert "To run without Slurm" in lines[0]
     assert main([*argv, "optim.epochs=zero"]) == 2
     assert capsys.readouterr().err.startswith("ssl-distill submit: error: Bad value for config key 'optim.epochs'")
 
@@ -123,9 +131,12 @@ def test_unconfigured_slurm_is_one_line_with_the_local_alternative(tmp_path, pho
 def test_requeue_counts_and_drops_no_resume():
     job = slurm.SlurmCommand("train", ["--no-resume", "optim.epochs=2"], max_requeues=2)
     again = job.checkpoint().function
-    assert again.requeues == 1 and again.args == ["optim.epochs=2"] and job.requeues == 0
+    assert again.requeues == 1
+    assert again.args == ["optim.epochs=2"]
+    assert job.requeues == 0
     last = again.checkpoint().function
-    assert last.requeues == 2 and last.checkpoint() is None  # out of requeues: submitit ends the job
+    assert last.requeues == 2
+    assert last.checkpoint() is None  # out of requeues: submitit ends the job
     assert pickle.loads(pickle.dumps(last)) == last
 
 
@@ -147,7 +158,8 @@ def _submit(out: Path, *argv: str) -> str:
            "--output-dir", str(out), *argv]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"output dir: {out}" in proc.stdout and "_0_log.out" in proc.stdout
+    assert f"output dir: {out}" in proc.stdout
+    assert "_0_log.out" in proc.stdout
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
 
@@ -191,17 +203,20 @@ def ddp_job(cluster, photo_folder, tmp_path_factory) -> tuple[Path, str]:
 def test_submit_train_runs_to_completion(train_job):
     out, job = train_job
     assert [r["iteration"] for r in read_metrics(out)] == list(range(1, 9))
-    assert list_checkpoints(out)[-1].name == "model_0000008.pth" and (out / "config.yaml").exists()
+    assert list_checkpoints(out)[-1].name == "model_0000008.pth"
+    assert (out / "config.yaml").exists()
     vit_tiny(patch_size=8, img_size=32, init_values=1e-5).load_state_dict(
         torch.load(out / "teacher_backbone.pth", weights_only=True), strict=True)
     script = (out / "slurm" / f"{job}_submission.sh").read_text()
     for line in ("--job-name=tiny-train", "--ntasks-per-node=1", "--cpus-per-task=1", "--signal=USR2@90"):
         assert line in script
-    assert "--gpus-per-node" not in script and (out / "slurm" / f"{job}_0_log.out").exists()
+    assert "--gpus-per-node" not in script
+    assert (out / "slurm" / f"{job}_0_log.out").exists()
     # the directory now holds a finished run: a second submission is refused before reaching Slurm
     proc = subprocess.run([sys.executable, "-m", "ssl_distill.cli", "submit", "--output-dir", str(out),
                            *_train(str(out))], env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "already holds a finished training run" in proc.stderr
+    assert proc.returncode == 2
+    assert "already holds a finished training run" in proc.stderr
 
 
 @pytest.mark.slow
@@ -236,14 +251,18 @@ def test_preemption_and_timeout_signal_checkpoint_requeue_and_resume(cluster, dd
     _wait_running(cluster, out, job, restarts=1, iterations=first + 2)
     urgent = cluster.client("sbatch", "--parsable", "--partition=urgent", "--output=/dev/null", "--wrap=sleep 1")
     info = _wait_ok(cluster, out, job, timeout=300)
-    assert info["Restarts"] == "2" and cluster.job_info(urgent.stdout.strip())["JobState"] == "COMPLETED"
+    assert info["Restarts"] == "2"
+    assert cluster.job_info(urgent.stdout.strip())["JobState"] == "COMPLETED"
     stops = [int(p.stem.split("_")[1]) for p in list_checkpoints(out)]
-    assert len(stops) == 3 and stops[0] == first and first + 2 <= stops[1] < stops[2] == 24, stops
+    assert len(stops) == 3, stops
+    assert stops[0] == first, stops
+    assert first + 2 <= stops[1] < stops[2] == 24, stops
     log = (out / "slurm" / f"{job}_0_log.err").read_text()
     for it in stops[:2]:  # each stop saved the iteration in progress (no periodic checkpoints) and resumed there
         assert f"stop requested: saved iteration {it}" in log
         assert f"resumed from {out / f'model_{it:07d}.pth'} at iteration {it}" in log
-    assert "requeue 2/3" in log and log.count(f"Requeued job {job}") == 2
+    assert "requeue 2/3" in log
+    assert log.count(f"Requeued job {job}") == 2
     # the twice-requeued job followed the uninterrupted run's trajectory exactly (same 2-task job)
     assert _losses(out) == _losses(ddp_job[0])
 
@@ -253,7 +272,8 @@ def _wait_running(cluster: SlurmCluster, out: Path, job: str, restarts: int, ite
     deadline = time.monotonic() + 180
     while True:
         info = cluster.job_info(job)
-        assert time.monotonic() < deadline and info["JobState"] in ACTIVE, info
+        assert time.monotonic() < deadline, info
+        assert info["JobState"] in ACTIVE, info
         stops = list_checkpoints(out)
         start = int(stops[-1].stem.split("_")[1]) if restarts and stops else 0
         if info["JobState"] == "RUNNING" and int(info["Restarts"]) == restarts and \
@@ -275,7 +295,9 @@ def test_submit_eval_knn_writes_results(cluster, ddp_job, tmp_path):
     job = _submit(out, "--tasks-per-node", "2", "eval-knn", *args)
     _wait_ok(cluster, out, job)
     got = json.loads((out / "results_eval_knn.json").read_text())
-    assert got["n_train"] == 60 and got["n_val"] == 30
+    assert got["n_train"] == 60
+    assert got["n_val"] == 30
     assert main(["eval-knn", *args, "--output-dir", str(tmp_path / "local")]) == 0  # one local process
     want = json.loads((tmp_path / "local" / "results_eval_knn.json").read_text())
-    assert got["results"] == want["results"] and set(got["results"]["all"]) == {"k=1", "k=5"}
+    assert got["results"] == want["results"]
+    assert set(got["results"]["all"]) == {"k=1", "k=5"}

@@ -21,15 +21,19 @@ def _reference_fmix32(h: int) -> int:
 
 def test_hash_matches_python_integers_and_is_uniform():
     keys = sample_keys(7, torch.arange(0, 4000, 3), range(3))
-    assert keys.dtype == torch.int64 and keys.shape == (3 * 1334,) and (keys >= 0).all()
+    assert keys.dtype == torch.int64
+    assert keys.shape == (3 * 1334,)
+    assert (keys >= 0).all()
     assert len(set(keys.tolist())) == keys.numel()  # distinct (position, crop) pairs, distinct keys
     u = uniform_from_keys(keys, stream=5)
     for key, got in zip(keys[:50].tolist(), u[:50].tolist()):
         lo, hi = key & 0xFFFFFFFF, key >> 32
         h = _reference_fmix32(lo ^ _reference_fmix32(5))
         assert got == _reference_fmix32(h ^ hi) / 2**32
-    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
-    assert abs(float(u.mean()) - 0.5) < 0.02 and abs(float((u < 0.3).double().mean()) - 0.3) < 0.02
+    assert 0.0 <= float(u.min())
+    assert float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.02
+    assert abs(float((u < 0.3).double().mean()) - 0.3) < 0.02
     # streams (blocks / branches) and seeds give unrelated draws
     v = uniform_from_keys(keys, stream=6)
     assert abs(float(torch.corrcoef(torch.stack([u, v]))[0, 1])) < 0.05

@@ -50,7 +50,8 @@ def test_end_to_end_tiny_training(tmp_path, photo_folder):
     backbone = vit_tiny(patch_size=8, img_size=32, init_values=1e-5)
     backbone.load_state_dict(weights, strict=True)
     state = load_checkpoint(find_latest_checkpoint(out))
-    assert state["iteration"] == 8 and state["sampler_position"] == 64
+    assert state["iteration"] == 8
+    assert state["sampler_position"] == 64
     torch.testing.assert_close(weights["cls_token"], state["model"]["teacher.backbone.cls_token"])
     assert not torch.equal(state["model"]["teacher.backbone.cls_token"], state["model"]["student.backbone.cls_token"])
     # export command: same weights
@@ -140,7 +141,8 @@ def test_two_process_ddp_and_fsdp_match_one_process(tmp_path, photo_folder):
     # the k-NN monitor ran at iterations 4 and 8 in every run, FSDP included (plain copy of the sharded teacher)
     for run in (one, ddp, fsdp):
         knn = [(r["iteration"], r["knn_top1_k10"]) for r in read_metrics(run) if "knn_top1_k10" in r]
-        assert [i for i, _ in knn] == [4, 8] and all(0.0 <= a <= 100.0 for _, a in knn), run.name
+        assert [i for i, _ in knn] == [4, 8], run.name
+        assert all(0.0 <= a <= 100.0 for _, a in knn), run.name
     assert [r.get("knn_top1_k20") for r in read_metrics(ddp)] == [r.get("knn_top1_k20") for r in read_metrics(fsdp)]
     # FSDP writes the same full (unsharded) state as DDP, with the same keys and shapes
     d = load_checkpoint(find_latest_checkpoint(ddp))
@@ -202,7 +204,8 @@ def test_broken_images_are_skipped_and_counted(tmp_path, photo_folder):
     assert (out / "teacher_backbone.pth").exists()
     proc = run_train(tmp_path / "strict", tiny_overrides(str(data), **{"train.bad_image_policy": "error"}))
     assert proc.returncode == 2
-    assert "zz_" in proc.stderr and "train.bad_image_policy=skip" in proc.stderr
+    assert "zz_" in proc.stderr
+    assert "train.bad_image_policy=skip" in proc.stderr
 
 
 def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folder, monkeypatch):
@@ -231,12 +234,16 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folde
 
 def test_cli_reports_config_and_data_errors(tmp_path, photo_folder):
     proc = run_train(tmp_path / "a", tiny_overrides(photo_folder, **{"optim.bas_lr": 1}))
-    assert proc.returncode == 2 and "Did you mean 'optim.base_lr'" in proc.stderr
+    assert proc.returncode == 2
+    assert "Did you mean 'optim.base_lr'" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run_train(tmp_path / "b", tiny_overrides(str(tmp_path / "missing")))
-    assert proc.returncode == 2 and "missing" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2
+    assert "missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
     proc = run_train(tmp_path / "c", tiny_overrides(photo_folder, **{"crops.local_crops_size": 12}))
-    assert proc.returncode == 2 and "crops.local_crops_size" in proc.stderr
+    assert proc.returncode == 2
+    assert "crops.local_crops_size" in proc.stderr
 
 
 def test_metrics_are_truncated_to_the_resume_point(tmp_path):

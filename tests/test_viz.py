@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cli_utils import one_line_error as _error
 from PIL import Image
 
 from ssl_distill.cli import main
@@ -69,7 +70,9 @@ def test_load_image_resizes_shorter_side_and_crops_to_patches(photo_files):
     x = load_image(photo_files / "china.jpg", 64, 8)  # 640x427 -> 95x64 -> crop 88x64
     assert x.shape == (3, 64, 88)
     rgb = x * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    assert 0.0 <= rgb.min() and rgb.max() <= 1.0 and rgb.std() > 0.05  # a real photo, normalised with ImageNet
+    assert 0.0 <= rgb.min()
+    assert rgb.max() <= 1.0
+    assert rgb.std() > 0.05  # a real photo, normalised with ImageNet
     assert load_image(photo_files / "camera.png", 60, 14).shape == (3, 56, 56)  # grayscale -> RGB, 60 -> 56
 
 
@@ -79,12 +82,13 @@ def test_maps_are_the_cls_row_over_patches(photo_files, registers, size):
     model = _model(registers)
     x = load_image(photo_files / "chelsea.png", max(size), 8)[:, : size[0], : size[1]]
     maps = cls_attention_maps(model, x)
-    assert maps.shape == (3, size[0] // 8, size[1] // 8) and maps.dtype == torch.float32
+    assert maps.shape == (3, size[0] // 8, size[1] // 8)
+    assert maps.dtype == torch.float32
     torch.testing.assert_close(maps, _reference_maps(model, x), atol=1e-5, rtol=1e-4)
     last = model.get_last_self_attention(x[None])[0, :, 0]  # (heads, T)
     torch.testing.assert_close(maps.flatten(1), last[:, 1 + registers:])  # registers skipped, patches in order
-    assert torch.all(maps.sum((1, 2)) < 1.0) and torch.allclose(maps.sum((1, 2)) + last[:, : 1 + registers].sum(1),
-                                                                 torch.ones(3))
+    assert torch.all(maps.sum((1, 2)) < 1.0)
+    assert torch.allclose(maps.sum((1, 2)) + last[:, : 1 + registers].sum(1), torch.ones(3))
 
 
 def test_maps_reject_sizes_that_are_not_patch_multiples():
@@ -157,24 +161,19 @@ def test_figure_layout_and_pixels(tmp_path, photo_files):
             assert np.abs(block - original * 0.25).max() <= 1  # darkened outside the mask
 
 
-def _error(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1, err
-    return err[0]
-
-
 def test_cli_random_weights_on_files_and_folders(tmp_path, photo_files, capsys):
     out = tmp_path / "out"
     rc = main(["visualize", "--pretrained-weights", "random", "--config-file", TINY, "--images", str(photo_files),
                str(photo_files / "china.jpg"), "--output-dir", str(out), "--image-size", "64", "--device", "cpu"])
-    assert rc == 0 and "wrote 3 attention figure(s)" in capsys.readouterr().out
+    assert rc == 0
+    assert "wrote 3 attention figure(s)" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["camera_attention.png", "chelsea_attention.png",
                                                       "china_attention.png"]
     # threshold 0.6 by default: two tiles per cell; 5 cells (image, 3 heads, mean) in one row
     for stem, (h, w) in {"china": (64, 88), "chelsea": (64, 96), "camera": (64, 64)}.items():
         with Image.open(out / f"{stem}_attention.png") as im:
-            assert im.format == "PNG" and im.mode == "RGB"
+            assert im.format == "PNG"
+            assert im.mode == "RGB"
             assert im.size == (5 * w + 6 * PADDING, 2 * h + 3 * PADDING), stem
     main(["visualize", "--pretrained-weights", "random", "--config-file", TINY, "--images",
           str(photo_files / "chelsea.png"), "--output-dir", str(out), "--image-size", "64", "--threshold", "0"])
@@ -214,7 +213,8 @@ def test_cli_errors_are_one_line(tmp_path, photo_files, capsys):
     assert "holds no image files" in _error(capsys, [*base, "--images", str(tmp_path / "empty")])
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     msg = _error(capsys, [*base, "--images", str(tmp_path / "broken.jpg")])
-    assert "cannot read image" in msg and "broken.jpg" in msg
+    assert "cannot read image" in msg
+    assert "broken.jpg" in msg
     (tmp_path / "dup").mkdir()
     (tmp_path / "dup" / "china.png").write_bytes((photo_files / "chelsea.png").read_bytes())
     msg = _error(capsys, [*base, "--images", str(photo_files / "china.jpg"), str(tmp_path / "dup")])

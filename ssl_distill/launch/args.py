@@ -49,7 +49,10 @@ def _non_negative(text: str) -> int:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
-    """Resources, placement, requeue policy, the output directory, then ``<command> [command args]``."""
+    """Description and examples, resources, placement, requeue policy, the output directory, then ``<command>
+    [command args]``."""
+    p.description, p.epilog = SUBMIT_DESCRIPTION, SUBMIT_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     res = p.add_argument_group("resources")
     res.add_argument("--nodes", type=_positive, default=1, help="number of nodes")
     res.add_argument("--gpus-per-node", type=_non_negative, default=8,

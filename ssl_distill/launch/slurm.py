@@ -81,7 +81,7 @@ def finished_marker(command: str, output_dir: str | os.PathLike) -> Path:
         from ssl_distill.train.trainer import TEACHER_EXPORT
 
         return Path(output_dir) / TEACHER_EXPORT
-    from ssl_distill.eval.commands import KNN_RESULTS, LINEAR_RESULTS
+    from ssl_distill.eval.args import KNN_RESULTS, LINEAR_RESULTS
 
     return Path(output_dir) / (KNN_RESULTS if command == "eval-knn" else LINEAR_RESULTS)
 
@@ -171,14 +171,14 @@ class SlurmCommand:
     requeues: int = 0
 
     def __call__(self) -> int:
-        from ssl_distill import cli, distributed
+        from ssl_distill import commands, distributed
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")  # as the CLI's; its own basicConfig then keeps this one
+                            datefmt="%H:%M:%S")  # as the CLI's
         env = distributed.init_distributed(backend=self.backend)
         logger.info("ssl-distill %s on Slurm: rank %d/%d (local %d), requeue %d/%d", self.command, env.rank,
                     env.world_size, env.local_rank, self.requeues, self.max_requeues)
-        code = self._train() if self.command == "train" else cli.main([self.command, *self.args])
+        code = self._train() if self.command == "train" else commands.run_command(self.command, self.args)
         if code != 0:
             raise RuntimeError(f"ssl-distill {self.command} exited with status {code} (see the messages above)")
         return code
@@ -186,7 +186,7 @@ class SlurmCommand:
     def _train(self) -> int:
         import submitit
 
-        from ssl_distill import cli, distributed
+        from ssl_distill import commands, distributed
         from ssl_distill.train.signals import StopOnSignals
         from ssl_distill.train.trainer import TrainingInterrupted
 
@@ -196,7 +196,7 @@ class SlurmCommand:
         stop = StopOnSignals((signum,))
         requeue_handler = stop.previous.get(signum)
         try:
-            return cli.main(["train", *self.args], on_trainer=stop.attach)
+            return commands.run_command("train", self.args, on_trainer=stop.attach)
         except TrainingInterrupted as exc:
             logger.warning("%s; handing over to submitit to requeue", exc)
             stop.restore()

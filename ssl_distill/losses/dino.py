@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ssl_distill.losses.sinkhorn import CenteredTeacherLoss, sinkhorn_knopp
+from ssl_distill.losses.centering import CenteredTeacherLoss
+from ssl_distill.losses.sinkhorn import sinkhorn_knopp
 from ssl_distill.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["DINOLoss"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ssl_distill.losses.sinkhorn import CenteredTeacherLoss, sinkhorn_knopp
+from ssl_distill.losses.centering import CenteredTeacherLoss
+from ssl_distill.losses.sinkhorn import sinkhorn_knopp
 from ssl_distill.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["iBOTPatchLoss"]
@@ -26,8 +27,10 @@ class iBOTPatchLoss(CenteredTeacherLoss):
     total; ``student_masks_flat`` is ``(B, N)`` bool. The ``center`` buffer has shape ``(1, 1, K)``.
 
     Each image's loss is the mean over its masked tokens; the batch loss averages images, counting images
-    without masked tokens as 0 (as the reference does). The centre update is lazy, see
-    :class:`~ssl_distill.losses.sinkhorn.CenteredTeacherLoss`; everything also works without
+    without masked tokens as 0 (as the reference does). Training computes it on the masked tokens only
+    (:meth:`forward_masked`, centre from :meth:`update_center_masked`); :meth:`forward` is the reference-named
+    entry point on full token grids, a thin wrapper over it. The centre update is lazy, see
+    :class:`~ssl_distill.losses.centering.CenteredTeacherLoss`; everything also works without
     ``torch.distributed``.
     """
 
@@ -49,33 +52,13 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         return self._centered_softmax(teacher_patch_logits, teacher_temp)
 
     @torch.no_grad()
-    def sinkhorn_knopp_teacher(
-        self,
-        teacher_logits: Tensor,
-        teacher_temp: float,
-        n_masked_patches_tensor: Tensor,
-        n_iterations: int = 3,
-    ) -> Tensor:
+    def sinkhorn_knopp_teacher(self, teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
         """Sinkhorn-Knopp targets for this rank's masked tokens: ``(M_local, K)`` -> ``(M_local, K)`` fp32.
 
-        ``n_masked_patches_tensor`` (one number, this rank's ``M_local``) is summed over ranks on a copy to
-        give the global ``B``; the caller's tensor is left unchanged (the reference all-reduces it in place).
+        Ranks may hold different numbers of tokens (none, too). The reference also takes the number of masked
+        tokens, which the result does not depend on (see :func:`~ssl_distill.losses.sinkhorn.sinkhorn_knopp`).
         """
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations, n_samples=n_masked_patches_tensor)
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: Tensor) -> None:
-        """Record ``sum_b mean_n teacher_patch_logits[b, n]`` of a ``(B, N, K)`` batch for the lazy EMA update.
-
-        The update divides by ``B * world_size`` (reference semantics).
-        """
-        if teacher_patch_logits.ndim != 3 or teacher_patch_logits.shape[-1] != self.patch_out_dim:
-            raise ValueError(
-                f"iBOTPatchLoss.update_center expects teacher logits of shape (B, N, {self.patch_out_dim}), got "
-                f"{tuple(teacher_patch_logits.shape)}; for masked tokens (M, K) pass logits.unsqueeze(0)."
-            )
-        x = teacher_patch_logits.detach().to(self.center.dtype)
-        self._start_center_update(torch.sum(x.mean(1), dim=0, keepdim=True), len(x))
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations)
 
     @torch.no_grad()
     def update_center_masked(self, masked_teacher_logits: Tensor) -> None:
@@ -103,7 +86,7 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         return -rows.view(student_logits.shape[:-1])
 
     def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor) -> Tensor:
-        """Loss on full token grids.
+        """Loss on full token grids: :meth:`forward_masked` on the masked tokens ``tokens[student_masks_flat]``.
 
         Args:
             student_patch_logits: ``(B, N, K)``.
@@ -114,45 +97,38 @@ class iBOTPatchLoss(CenteredTeacherLoss):
             Scalar ``-mean_b [sum_n mask * sum_k t log_softmax(s / temp) / max(sum_n mask, 1)]``.
         """
         masks = _as_bool_mask(student_masks_flat)
-        loss = self._token_log_likelihood(student_patch_logits, teacher_patch_probs)  # (B, N)
-        if loss.shape != masks.shape:
-            raise ValueError(f"tokens {tuple(loss.shape)} and student_masks_flat {tuple(masks.shape)} differ.")
-        mask_f = masks.to(loss.dtype)
-        loss = torch.sum(loss * mask_f, dim=-1) / mask_f.sum(dim=-1).clamp(min=1.0)
-        return -loss.mean()
+        if student_patch_logits.shape[:2] != masks.shape or teacher_patch_probs.shape[:2] != masks.shape:
+            raise ValueError(f"tokens {tuple(student_patch_logits.shape[:2])} / {tuple(teacher_patch_probs.shape[:2])} "
+                             f"and student_masks_flat {tuple(masks.shape)} differ.")
+        return self.forward_masked(student_patch_logits[masks], teacher_patch_probs[masks], masks)
 
     def forward_masked(
         self,
         student_logits: Tensor,
         teacher_probs: Tensor,
         student_masks_flat: Tensor,
-        n_masked_patches: int | Tensor | None = None,
         masks_weight: Tensor | None = None,
     ) -> Tensor:
         """Loss on masked tokens only, gathered as ``tokens[student_masks_flat]`` (row-major order).
 
         Args:
-            student_logits: ``(M', K)`` student logits of the masked tokens (``M' >= n_masked_patches``).
-            teacher_probs: ``(M', K)`` teacher targets of the same tokens.
-            student_masks_flat: ``(B, N)`` bool masks.
-            n_masked_patches: if given, only the first ``n`` tokens count (drops padding rows).
-            masks_weight: ``(n,)`` per-token weights; default ``1 / max(masked tokens of its image, 1)``.
+            student_logits: ``(M, K)`` student logits of the masked tokens.
+            teacher_probs: ``(M, K)`` teacher targets of the same tokens.
+            student_masks_flat: ``(B, N)`` bool masks (``M`` of them True).
+            masks_weight: ``(M,)`` per-token weights; default ``1 / max(masked tokens of its image, 1)``.
 
         Returns:
             Scalar ``-sum_m w_m * sum_k t log_softmax(s / temp) / B``: each image's mean over its masked
             tokens, averaged over all ``B`` images (the reference's weighting).
         """
         masks = _as_bool_mask(student_masks_flat)
-        loss = self._token_log_likelihood(student_logits, teacher_probs)  # (M',)
+        loss = self._token_log_likelihood(student_logits, teacher_probs)  # (M,)
         if masks_weight is None:
             per_image = 1.0 / masks.sum(-1).clamp(min=1).to(loss.dtype)
             masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
-        if n_masked_patches is not None:
-            loss = loss[: int(n_masked_patches)]
         if loss.shape != masks_weight.shape:
             raise ValueError(
-                f"{loss.shape[0]} masked-token losses but {masks_weight.shape[0]} weights; pass "
-                "n_masked_patches = number of real masked tokens (student_masks_flat.sum()) or a matching "
-                "masks_weight."
+                f"{loss.shape[0]} masked-token losses but {masks_weight.shape[0]} weights: pass the logits of "
+                "exactly the masked tokens (student_masks_flat.sum() rows) and one weight per token."
             )
         return -(loss * masks_weight).sum() / masks.shape[0]

@@ -1,22 +1,19 @@
-"""Teacher-side helpers shared by the DINO and iBOT losses: Sinkhorn-Knopp and the lazy centring EMA.
+"""The Sinkhorn-Knopp teacher shared by the DINO and iBOT losses (SwAV, Caron et al. 2020, as used by DINOv2,
+Oquab et al. 2023): soft assignments of samples to prototypes with equal prototype marginals over the global batch.
 
-Both teachers turn raw head logits into soft targets, either by centring + sharpening (DINO, Caron et al. 2021;
-iBOT, Zhou et al. 2022) or by a few Sinkhorn-Knopp iterations (SwAV, Caron et al. 2020, as used by DINOv2,
-Oquab et al. 2023). The statistics they need (batch centre, Sinkhorn marginals) are reduced over all ranks when
-``torch.distributed`` is initialised, and computed locally when it is not.
+The per-prototype statistics are reduced over all ranks when ``torch.distributed`` is initialised, and computed
+locally when it is not. The other teacher, centring + sharpening, is :mod:`ssl_distill.losses.centering`.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 
 from ssl_distill import distributed
 
-__all__ = ["CenteredTeacherLoss", "sinkhorn_knopp"]
+__all__ = ["sinkhorn_knopp"]
 
 
 def _all_reduce_max_(tensor: Tensor) -> Tensor:
@@ -24,13 +21,6 @@ def _all_reduce_max_(tensor: Tensor) -> Tensor:
     if distributed.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
-
-
-def _all_reduce_sum_async_(tensor: Tensor) -> dist.Work | None:
-    """Start an in-place sum over ranks; returns the handle to ``wait()`` on, or None alone."""
-    if distributed.get_world_size() > 1:
-        return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
-    return None
 
 
 def _global_row_logsumexp(log_q: Tensor) -> Tensor:
@@ -47,22 +37,13 @@ def _global_row_logsumexp(log_q: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
-    teacher_logits: Tensor,
-    teacher_temp: float,
-    n_iterations: int = 3,
-    n_samples: Tensor | int | None = None,
-) -> Tensor:
+def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
     """Sinkhorn-Knopp soft assignment of samples to prototypes (SwAV, Caron et al. 2020; DINOv2 recipe).
 
     Args:
         teacher_logits: ``(B_local, K)`` logits of this rank's samples (any float dtype; computed in fp32).
         teacher_temp: temperature dividing the logits before ``exp``.
         n_iterations: number of (prototype, sample) normalisation rounds; DINOv2 uses 3.
-        n_samples: the global sample count ``B`` of the reference (DINO: ``B_local * world_size``; iBOT: the
-            all-reduced number of masked tokens). Accepted for API parity only and never modified: in the
-            reference every division by ``B`` (and by ``K`` and by the total mass) is a uniform factor that
-            the next normalisation or the final ``Q *= B`` undoes, so it cannot change the result.
 
     Returns:
         ``(B_local, K)`` float32 assignments; every row sums to 1 (the last step normalises samples).
@@ -74,7 +55,10 @@ def sinkhorn_knopp(
     normalisation, so the result equals the reference up to float rounding wherever the reference is finite,
     and stays finite where the reference overflows (``exp`` of large ``logits / temp`` gives inf/NaN) or
     underflows (a prototype or a sample whose entries all round to 0 gives 0/0). A single global max
-    subtraction before ``exp`` would fix the overflow but not the underflow.
+    subtraction before ``exp`` would fix the overflow but not the underflow. The reference's global sample count
+    ``B`` (DINO: ``B_local * world_size``; iBOT: the all-reduced number of masked tokens) is not needed: each of its
+    divisions by ``B`` (and by ``K`` and the total mass) is a uniform factor that the next normalisation or the
+    final ``Q *= B`` undoes.
     """
     if teacher_logits.ndim != 2:
         raise ValueError(
@@ -85,106 +69,8 @@ def sinkhorn_knopp(
         raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}.")
     if n_iterations < 1:
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}.")
-    if n_samples is not None and torch.as_tensor(n_samples).numel() != 1:
-        raise ValueError(f"n_samples must hold one number, got shape {tuple(torch.as_tensor(n_samples).shape)}.")
     log_q = (teacher_logits.float() / teacher_temp).t()  # (K, B_local)
     for _ in range(n_iterations):
         log_q = log_q - _global_row_logsumexp(log_q)  # prototypes: global over ranks
         log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True)  # samples: local
     return torch.exp(log_q).t()
-
-
-class _PendingCenter(NamedTuple):
-    batch_sum: Tensor
-    count: int
-    world_size: int
-    handle: dist.Work | None
-
-
-class CenteredTeacherLoss(nn.Module):
-    """Base for losses whose teacher is centred by an EMA of batch means (DINO, Caron et al. 2021).
-
-    Holds the ``center`` buffer of shape ``center_shape`` (zeros) and the reference's lazy update:
-    :meth:`_start_center_update` stores this rank's batch sum and launches an asynchronous all-reduce (when
-    distributed); :meth:`apply_center_update` waits for it and applies
-
-        ``center = center * m + batch_sum / (count * world_size) * (1 - m)``
-
-    exactly once. Subclasses call ``apply_center_update`` before centring, so the communication overlaps
-    with the student's forward pass. Two differences from the reference, both intentional: a second
-    ``update_center`` before the first was applied applies the first (the reference silently drops it), and
-    ``state_dict()`` applies a pending update first so checkpoints hold the up-to-date centre (loading a
-    state dict drops any pending update).
-    """
-
-    center: Tensor
-
-    def __init__(self, center_shape: tuple[int, ...], center_momentum: float) -> None:
-        super().__init__()
-        if not 0.0 <= center_momentum <= 1.0:
-            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}.")
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(center_shape))
-        self._pending: _PendingCenter | None = None
-        self.register_state_dict_pre_hook(_apply_pending_before_save)
-        self.register_load_state_dict_pre_hook(_drop_pending_before_load)
-
-    def _start_center_update(self, batch_sum: Tensor, count: int, sum_counts: bool = False) -> None:
-        """Record this rank's ``batch_sum`` (broadcastable to ``center``) over ``count`` samples.
-
-        ``sum_counts=False`` (reference): the centre uses ``sum / (count * world_size)``, exact when every rank
-        holds ``count`` samples. ``sum_counts=True``: the counts are summed over ranks too (one all-reduce with the
-        sums), so ranks may hold different numbers of samples; no update is made when the global count is 0.
-        """
-        self.apply_center_update()
-        batch_sum = batch_sum.detach().to(self.center.dtype)
-        if sum_counts:
-            batch_sum = torch.cat([batch_sum.reshape(-1), batch_sum.new_tensor([float(count)])])
-        batch_sum = batch_sum.contiguous()
-        handle = _all_reduce_sum_async_(batch_sum)
-        world = 1 if sum_counts else distributed.get_world_size()
-        self._pending = _PendingCenter(batch_sum, -1 if sum_counts else count, world, handle)
-
-    @torch.no_grad()
-    def apply_center_update(self) -> None:
-        """Apply the pending centre update, if any (waits for its all-reduce). Idempotent."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        if pending.handle is not None:
-            pending.handle.wait()
-        if pending.count < 0:  # sum_counts: the last element is the global count
-            total = pending.batch_sum[-1]
-            if total <= 0:
-                return
-            batch_center = (pending.batch_sum[:-1] / total).reshape(self.center.shape)
-        else:
-            batch_center = pending.batch_sum / (pending.count * pending.world_size)
-        m = self.center_momentum
-        self.center.copy_(self.center * m + batch_center * (1 - m))
-
-    @torch.no_grad()
-    def _centered_softmax(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
-        """``softmax((teacher_logits - center) / teacher_temp)`` over the last dim; same shape as the input."""
-        if teacher_temp <= 0:
-            raise ValueError(f"teacher_temp must be > 0, got {teacher_temp}.")
-        if teacher_logits.shape[-1] != self.center.shape[-1]:
-            raise ValueError(
-                f"teacher logits have {teacher_logits.shape[-1]} classes but the centre has "
-                f"{self.center.shape[-1]}; the loss's out_dim must equal the head's output size."
-            )
-        self.apply_center_update()
-        center = self.center.reshape(-1)
-        x = torch.sub(teacher_logits, center).mul_(1.0 / teacher_temp)  # one buffer, softmax in place
-        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-        return x.div_(x.sum(dim=-1, keepdim=True))
-
-
-def _apply_pending_before_save(module: nn.Module, prefix: str, keep_vars: bool) -> None:
-    if isinstance(module, CenteredTeacherLoss):
-        module.apply_center_update()
-
-
-def _drop_pending_before_load(module: nn.Module, *args: object, **kwargs: object) -> None:
-    if isinstance(module, CenteredTeacherLoss):
-        module._pending = None

@@ -120,7 +120,17 @@ class DINOHead(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters not to decay: the biases. BatchNorm weights (``use_bn``) and the prototypes'
+        ``weight_g`` are decayed, as in DINOv2."""
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] == "bias"}
+
+    def last_layer_names(self) -> set[str]:
+        """The prototypes' parameters (``last_layer``), frozen during the first ``optim.freeze_last_layer_epochs``."""
+        return {f"last_layer.{name}" for name, _ in self.last_layer.named_parameters()}
+
     def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_dim)`` -> ``(B, out_dim)`` prototype scores."""
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
         x = F.normalize(x, p=2, dim=-1, eps=eps)

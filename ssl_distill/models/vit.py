@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
-from ssl_distill.models.layers import FFN_LAYERS, Block, PatchEmbed
+from ssl_distill.models.layers import FFN_LAYERS, Block, LayerScale, PatchEmbed
 from ssl_distill.models.packing import concat_keys, pack_tokens, selected_token_rows, unpack_tokens
 from ssl_distill.models.resample import interpolate_pos_embed
 
 FeatureDict = dict[str, Any]
+_TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
 def _init_weights_vit_timm(module: nn.Module) -> None:
@@ -115,6 +116,25 @@ class VisionTransformer(nn.Module):
         check_attn_impl(name)
         for blk in self.blocks:
             blk.attn.set_impl(name)
+
+    # ------------------------------------------------- what the optimizer reads (timm's model API)
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters not to decay: the learned tokens, biases, LayerNorm and LayerScale parameters."""
+        names = {n for n in _TOKENS if getattr(self, n) is not None}
+        for module_name, module in self.named_modules():
+            for name, _ in module.named_parameters(recurse=False):
+                if name == "bias" or isinstance(module, (nn.LayerNorm, LayerScale)):
+                    names.add(f"{module_name}.{name}" if module_name else name)
+        return names
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay: 0 for the patch embedding and the tokens, ``i + 1``
+        for block ``i``, ``len(blocks) + 1`` (the largest) for the final norm."""
+        if name in _TOKENS or name.startswith("patch_embed."):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return len(self.blocks) + 1
 
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:

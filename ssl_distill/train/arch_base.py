@@ -125,8 +125,7 @@ class StudentTeacherArch(nn.Module):
         else:  # sinkhorn_knopp
             dino_t = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
             if patch_logits is not None:
-                n_patches = torch.full((1,), patch_logits.shape[0], dtype=torch.long, device=patch_logits.device)
-                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp, n_patches)
+                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
         return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
 
     def _dino_losses(self, local_cls: Tensor | None, global_cls: Tensor, dino_t: Tensor) -> dict[str, Tensor]:
@@ -153,7 +152,6 @@ class StudentTeacherArch(nn.Module):
             "masks": batch["collated_masks"].to(dev, non_blocking=nb),
             "mask_indices": batch["mask_indices_list"].to(dev, non_blocking=nb),
             "masks_weight": batch["masks_weight"].to(dev, non_blocking=nb),
-            "n_masked_patches": batch["n_masked_patches"].to(dev, non_blocking=nb),
             "drop_path_keys": self._drop_path_keys(batch.get("positions")),
         }
 

@@ -44,6 +44,13 @@ from ssl_distill.train.arch_base import N_GLOBAL_CROPS, StudentTeacherArch, dino
 logger = logging.getLogger(__name__)
 
 
+class TokenProjection(nn.Linear):
+    """Student width -> teacher width for the ``features`` recipe (a student part, dropped at export)."""
+
+    def no_weight_decay(self) -> set[str]:
+        return {"bias"}
+
+
 class FrozenTeacher:
     """The distillation teacher: a backbone and, for the ``heads`` recipe, its heads and loss centres. Not an
     ``nn.Module`` attribute of the architecture, so it is in no state dict, optimizer or DDP/FSDP wrapper."""
@@ -147,7 +154,7 @@ class DistillMetaArch(StudentTeacherArch):
         t_width = self.frozen.backbone.embed_dim
         if t_width == width:
             return {}
-        return {"cls_proj": nn.Linear(width, t_width), "patch_proj": nn.Linear(width, t_width)}
+        return {"cls_proj": TokenProjection(width, t_width), "patch_proj": TokenProjection(width, t_width)}
 
     # ------------------------------------------------------------------------------------------- plumbing
     def to(self, *args: Any, **kwargs: Any) -> DistillMetaArch:

@@ -9,7 +9,7 @@ Differences from the reference, all so that a run gives the same losses on any n
 
 * KoLeo runs on each global crop's CLS tokens gathered from all ranks (with gradient), not on each rank's share.
 * The iBOT centre is the global mean of the masked teacher tokens (``update_center_masked``), not the mean of
-  per-rank means; it no longer includes the zero-padding rows of the reference's fixed-size buffer.
+  per-rank means (the reference, too, slices its teacher outputs to the real masked tokens first).
 * With ``local_crops_number=0`` the DINO terms are divided by 2 (their count), not 3.
 """
 

@@ -5,53 +5,42 @@ Groups follow DINOv2's ``get_params_groups_with_decay`` + ``fuse_params_groups``
 depth + 1), a patch-embedding lr multiplier, and a flag for the head's ``last_layer`` (frozen during the first
 ``freeze_last_layer_epochs``). No weight decay for biases, norms, LayerScale gammas **and tokens** (``cls_token``,
 ``pos_embed``, ``register_tokens``, ``mask_token``) — the reference decays the tokens; we follow timm/BEiT here.
+
+What each parameter is comes from the model, as timm models declare it: ``no_weight_decay()`` (names),
+``layer_id(name)`` (backbones), ``last_layer_names()`` (heads) and the backbone's ``patch_embed`` module.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-_TOKEN_NAMES = ("cls_token", "pos_embed", "register_tokens", "mask_token")
-_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
-
-
-def layer_id_for(name: str, num_layers: int) -> int:
-    """Depth index of a backbone parameter: 0 for embeddings/tokens, i+1 for block i, num_layers+1 otherwise."""
-    if "patch_embed" in name or any(t in name for t in _TOKEN_NAMES):
-        return 0
-    m = _BLOCK_RE.search(name)
-    if m:
-        return int(m.group(1)) + 1
-    return num_layers + 1
-
-
-def no_weight_decay(name: str) -> bool:
-    """Biases, norms, LayerScale gammas and the learned tokens are not decayed."""
-    return name.endswith(".bias") or "norm" in name or "gamma" in name or any(t in name for t in _TOKEN_NAMES)
-
 
 def param_groups(
     module: nn.Module, layerwise_decay: float = 1.0, patch_embed_lr_mult: float = 1.0, is_backbone: bool = False
 ) -> list[dict]:
-    """Fused parameter groups of one sub-model (backbone or head).
+    """Fused parameter groups of one sub-model (a backbone with ``is_backbone``, else a head).
 
     Each group: ``params``, ``lr_multiplier``, ``wd_multiplier`` (0 or 1), ``is_last_layer``, ``is_backbone`` and
     ``names``.
     """
+    if not callable(getattr(module, "no_weight_decay", None)):
+        raise TypeError(f"{type(module).__name__} does not declare no_weight_decay(); parameter groups need a model "
+                        "that does (VisionTransformer, DINOHead).")
+    no_decay = module.no_weight_decay()
+    last_layer = module.last_layer_names() if hasattr(module, "last_layer_names") else set()
+    patch_embed = {f"patch_embed.{n}" for n, _ in module.patch_embed.named_parameters()} if is_backbone else set()
     num_layers = len(module.blocks) if is_backbone else 0
     fused: dict[tuple[float, float, bool], dict] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        lr_mult = layerwise_decay ** (num_layers + 1 - layer_id_for(name, num_layers)) if is_backbone else 1.0
-        if "patch_embed" in name:
+        lr_mult = layerwise_decay ** (num_layers + 1 - module.layer_id(name)) if is_backbone else 1.0
+        if name in patch_embed:
             lr_mult *= patch_embed_lr_mult
-        wd_mult = 0.0 if no_weight_decay(name) else 1.0
-        key = (lr_mult, wd_mult, "last_layer" in name)
+        key = (lr_mult, 0.0 if name in no_decay else 1.0, name in last_layer)
         group = fused.setdefault(key, {"params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1],
                                        "is_last_layer": key[2], "is_backbone": is_backbone})
         group["params"].append(param)

@@ -7,10 +7,13 @@ end point, then a half cosine from ``base`` to ``final``; ``final`` from ``total
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 from omegaconf import DictConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,14 +85,25 @@ def scaled_lr(base_lr: float, global_batch_size: int, rule: str) -> float:
 
 
 def apply_scaling_rules(cfg: DictConfig, world_size: int) -> float:
-    """Set ``cfg.optim.lr`` from ``base_lr`` and the global batch, as DINOv2 does at start-up. Returns it."""
+    """The peak learning rate ``cfg.optim.lr``; returns it.
+
+    ``optim.lr`` 0 (the default): derived from ``base_lr`` and the global batch by ``scaling_rule``, as DINOv2 does
+    at start-up, and written into the config (so the run's config.yaml shows it). A value > 0 set by the user wins:
+    it is used as is and ``base_lr`` / ``scaling_rule`` are ignored (logged).
+    """
     global_batch = cfg.train.batch_size_per_gpu * world_size
+    if cfg.optim.lr > 0:
+        logger.info("optim.lr=%g is set: used as the peak learning rate as is (optim.base_lr and optim.scaling_rule "
+                    "are ignored; set optim.lr=0 to derive it for the global batch of %d)", cfg.optim.lr, global_batch)
+        return cfg.optim.lr
     cfg.optim.lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.scaling_rule)
+    logger.info("optim.lr=%g: optim.base_lr=%g scaled by %s for the global batch of %d", cfg.optim.lr,
+                cfg.optim.base_lr, cfg.optim.scaling_rule, global_batch)
     return cfg.optim.lr
 
 
 def build_schedules(cfg: DictConfig) -> Schedules:
-    """The recipe's schedules; ``cfg.optim.lr`` must already be scaled (``apply_scaling_rules``)."""
+    """The recipe's schedules; ``cfg.optim.lr`` must already be resolved (:func:`apply_scaling_rules`)."""
     ep = cfg.train.iters_per_epoch
     total = cfg.optim.epochs * ep
     lr = CosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * ep)

@@ -41,12 +41,8 @@ from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
 from ssl_distill.train.run_lock import RunLock, RunLockedError
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
-from ssl_distill.train.state import (
-    gather_state,
-    resolve_precision,
-    restore_state,
-    wrap_for_distributed,
-)
+from ssl_distill.train.setup import resolve_precision, wrap_for_distributed
+from ssl_distill.train.state import gather_state, restore_state
 
 logger = logging.getLogger(__name__)
 TEACHER_EXPORT = "teacher_backbone.pth"

@@ -1,7 +1,7 @@
-"""``ssl-distill eval-knn`` and ``ssl-distill eval-linear``: arguments and the runs behind them.
+"""The runs behind ``ssl-distill eval-knn`` and ``ssl-distill eval-linear`` (their arguments: :mod:`.args`).
 
-``add_*_args`` need only argparse (the CLI builds its parser without importing torch); ``run_*`` import lazily.
-User mistakes raise :class:`~ssl_distill.eval.data.EvalInputError` (a ``ValueError``), which the CLI prints.
+User mistakes raise :class:`~ssl_distill.eval.data.EvalInputError` (a ``ValueError``), which the command prints as
+one line.
 """
 
 from __future__ import annotations
@@ -10,64 +10,42 @@ import argparse
 import json
 import logging
 import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ssl_distill.distributed import get_rank, get_world_size, init_distributed, is_main_process, resolve_device
+from ssl_distill.eval.args import BEST_HEAD, KNN_RESULTS, LINEAR_RESULTS
+from ssl_distill.eval.data import EvalInputError, load_labelled_datasets
+from ssl_distill.eval.features import (
+    autocast_context,
+    cached_features,
+    extract_features,
+    feature_cache_key,
+    forward_eval_features,
+)
+from ssl_distill.eval.knn import knn_few_shot
+from ssl_distill.eval.linear import (
+    DEFAULT_LEARNING_RATES,
+    LinearHeads,
+    evaluate_heads,
+    head_grid,
+    summarize,
+    tensor_batches,
+    train_heads,
+)
+from ssl_distill.eval.transforms import make_eval_transform, make_train_transform
+from ssl_distill.fileio import atomic_open, atomic_write_text
+from ssl_distill.hub import HubError, resolve_backbone
+
 logger = logging.getLogger(__name__)
-
-KNN_RESULTS = "results_eval_knn.json"
-LINEAR_RESULTS = "results_eval_linear.json"
-BEST_HEAD = "best_linear_head.pth"
-
-
-def _add_common_args(p: argparse.ArgumentParser, batch_size: int) -> None:
-    p.add_argument("--pretrained-weights", required=True,
-                   help="a training checkpoint (its teacher backbone is used), an exported backbone / official DINOv2 "
-                        "state dict (architecture from --config-file and key=value overrides), a model-zoo name, "
-                        "or 'random' for a randomly initialised baseline")
-    p.add_argument("--train-dataset", required=True, help="class-folder tree <root>/<class>/<image> to fit on")
-    p.add_argument("--val-dataset", required=True, help="class-folder tree with the same class names, to score on")
-    p.add_argument("--output-dir", required=True, help="where the results JSON (and best head) are written")
-    p.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass and rank")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")
-    p.add_argument("--image-size", type=int, default=224,
-                   help="evaluation crop S: resize the shorter side to S*256/224 (bicubic), centre-crop S")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--autocast", choices=("bf16", "fp16", "none"), default="bf16",
-                   help="mixed precision for the backbone forward (CUDA only)")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache extracted features here, keyed by weights hash + dataset + transform")
-    p.add_argument("--bad-image-policy", choices=("error", "skip"), default="error",
-                   help="what to do with unreadable images: stop (error) or substitute the next one (skip)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random init, few-shot draws and shuffling")
-
-
-def add_knn_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``eval-knn``."""
-    _add_common_args(p, batch_size=256)
-    p.add_argument("--nb-knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours k")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
-    p.add_argument("--n-per-class-list", type=int, nargs="+", default=[-1],
-                   help="train images per class for few-shot k-NN; -1 = all of them")
-    p.add_argument("--n-tries", type=int, default=1, help="random few-shot draws to average per n")
-    p.add_argument("--train-chunk", type=int, default=65536,
-                   help="train features compared per step; bounds memory to batch x chunk similarities")
-
-
-def add_linear_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``eval-linear``."""
-    _add_common_args(p, batch_size=128)
-    p.add_argument("--epochs", type=int, default=10, help="passes over the train set")
-    p.add_argument("--learning-rates", type=float, nargs="+", default=None,
-                   help="learning-rate grid, each scaled by batch_size * world_size / 256 (default: 13 values "
-                        "1e-5, 2e-5, 5e-5 ... 0.1)")
-    p.add_argument("--precomputed-features", action="store_true",
-                   help="fast mode: extract train features once (no augmentation) and train the heads on them")
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from ssl_distill.eval.data import EvalInputError
-
+    """Values argparse cannot check (ranges), as one :class:`EvalInputError`."""
     checks = [(args.batch_size >= 1, "--batch-size must be >= 1"), (args.image_size >= 1, "--image-size must be >= 1"),
               (args.num_workers >= 0, "--num-workers must be >= 0")]
     if hasattr(args, "nb_knn"):
@@ -85,12 +63,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
     """Distributed init, device, backbone (on device) and its info, autocast dtype."""
-    import torch
-
-    from ssl_distill.distributed import init_distributed, resolve_device
-    from ssl_distill.eval.data import EvalInputError
-    from ssl_distill.hub import HubError, resolve_backbone
-
     _check_args(args)
     init_distributed()
     try:
@@ -113,8 +85,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
 
 def _features(model: Any, info: dict, dataset: Any, args: argparse.Namespace, device: Any, dtype: Any,
               desc: str) -> dict:
-    from ssl_distill.eval.features import cached_features, extract_features, feature_cache_key
-
+    """Features of ``dataset`` (``cls`` ``(n, n_last, D)``, ``labels`` ...), from the cache when it has them."""
     n_last = min(4, len(model.blocks))
     key = feature_cache_key(info["weights_hash"], dataset, dataset.transform, n_last)
     return cached_features(args.cache_dir, key, lambda: extract_features(
@@ -122,9 +93,6 @@ def _features(model: Any, info: dict, dataset: Any, args: argparse.Namespace, de
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from ssl_distill.distributed import is_main_process
-    from ssl_distill.fileio import atomic_write_text
-
     if is_main_process():
         atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
         logger.info("wrote %s", path)
@@ -136,11 +104,8 @@ def _common_payload(args: argparse.Namespace, info: dict, train: Any, val: Any) 
             "classes": list(train.classes), "image_size": args.image_size}
 
 
-def run_knn_command(args: argparse.Namespace) -> int:
+def run_knn(args: argparse.Namespace) -> int:
     """Extract (or load cached) features, run weighted k-NN for every k and few-shot n, write the JSON."""
-    from ssl_distill.eval.data import load_labelled_datasets
-    from ssl_distill.eval.knn import knn_few_shot
-    from ssl_distill.eval.transforms import make_eval_transform
 
     model, info, device, dtype = _setup(args)
     transform = make_eval_transform(args.image_size)
@@ -158,19 +123,14 @@ def run_knn_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_batches(model: Any, train: Any, args: argparse.Namespace, device: Any, dtype: Any, n_last: int):
+def _image_batches(model: torch.nn.Module, train: Any, args: argparse.Namespace, device: torch.device,
+                   dtype: torch.dtype | None, n_last: int) -> tuple[Callable[[int], Iterator[dict]], int]:
     """``(batches(epoch), iters_per_epoch)``: augmented images through the frozen backbone, sharded over ranks."""
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from ssl_distill.distributed import get_rank, get_world_size
-    from ssl_distill.eval.features import autocast_context, forward_eval_features
-
     sampler = DistributedSampler(train, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=args.seed)
     loader = DataLoader(train, batch_size=args.batch_size, sampler=sampler, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
 
-    def batches(epoch: int):
+    def batches(epoch: int) -> Iterator[dict]:
         sampler.set_epoch(epoch)
         for images, labels in loader:
             with torch.no_grad(), autocast_context(device, dtype):
@@ -181,11 +141,7 @@ def _image_batches(model: Any, train: Any, args: argparse.Namespace, device: Any
 
 
 def _save_best_head(path: Path, heads: Any, best: dict, classes: list[str], info: dict) -> None:
-    import torch
-
-    from ssl_distill.distributed import is_main_process
-    from ssl_distill.fileio import atomic_open
-
+    """Rank 0 saves the best head with what using it needs (block count, pooling, classes, weights hash)."""
     if not is_main_process():
         return
     head = heads.heads[best["index"]]
@@ -197,21 +153,8 @@ def _save_best_head(path: Path, heads: Any, best: dict, classes: list[str], info
     logger.info("saved the best head (%s, val top1 %.2f) to %s", best["name"], best["top1"], path)
 
 
-def run_linear_command(args: argparse.Namespace) -> int:
+def run_linear(args: argparse.Namespace) -> int:
     """Train the grid of linear heads on the frozen backbone, pick the best on val, write JSON and the best head."""
-    from ssl_distill.distributed import get_world_size
-    from ssl_distill.eval.data import load_labelled_datasets
-    from ssl_distill.eval.linear import (
-        DEFAULT_LEARNING_RATES,
-        LinearHeads,
-        evaluate_heads,
-        head_grid,
-        summarize,
-        tensor_batches,
-        train_heads,
-    )
-    from ssl_distill.eval.transforms import make_eval_transform, make_train_transform
-
     model, info, device, dtype = _setup(args)
     eval_tf = make_eval_transform(args.image_size)
     train_tf = eval_tf if args.precomputed_features else make_train_transform(args.image_size)
