@@ -32,10 +32,11 @@ def interpolate_pos_embed(pos_embed: Tensor, rows: int, cols: int, offset: float
     dim = pos_embed.shape[-1]
     grid = pos_embed[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
     kwargs: dict[str, Any] = {}
+    # float()/int(): under tracing (fvcore's FLOP count) the sizes may be 0-dim tensors, which F.interpolate refuses
     if offset:  # the small offset avoids floating-point error in the interpolation (DINO / DINOv2)
-        kwargs["scale_factor"] = ((rows + offset) / side, (cols + offset) / side)
+        kwargs["scale_factor"] = (float(rows + offset) / side, float(cols + offset) / side)
     else:
-        kwargs["size"] = (rows, cols)
+        kwargs["size"] = (int(rows), int(cols))
     grid = F.interpolate(grid, mode="bicubic", antialias=antialias, **kwargs)
     if tuple(grid.shape[-2:]) != (rows, cols):
         raise AssertionError(f"position-embedding interpolation gave {tuple(grid.shape[-2:])}, not {(rows, cols)}")
