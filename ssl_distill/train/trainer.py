@@ -85,11 +85,11 @@ def _take_run_lock(output_dir: Path) -> RunLock | None:
     return lock
 
 
-def _worker_ignores_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which stops after a checkpoint (a worker
-    that died of the terminal's SIGINT would break the loader in the middle of that)."""
+def _worker_ignores_ctrl_c(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (which the terminal sends to the whole process group) to the main process,
+    which stops after a checkpoint: a worker that died of it would break the loader in the middle of that. SIGTERM
+    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_train_dataset(cfg: DictConfig) -> ImageDataset:
@@ -121,7 +121,7 @@ def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: i
         SeededMultiCropDataset(dataset, augmentation, cfg.train.seed), batch_size=cfg.train.batch_size_per_gpu,
         sampler=sampler, num_workers=workers, collate_fn=collator, pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_worker_ignores_stop_signals if workers > 0 else None,
+        worker_init_fn=_worker_ignores_ctrl_c if workers > 0 else None,
     )
 
 
@@ -301,6 +301,7 @@ class Trainer:
                     self.save(it)
         finally:
             metrics.close()
+            data_iter = loader = None  # shut the workers down now, not when the (possibly raised) frame is freed
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
