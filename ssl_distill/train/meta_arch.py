@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ssl_distill import distributed
 from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ssl_distill.models import DINOHead, build_backbone
+from ssl_distill.train.diagnostics import collapse_statistics, dino_ce_ratio
 
 N_GLOBAL_CROPS = 2
 
@@ -127,8 +128,11 @@ class SSLMetaArch(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
-    def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
-        """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens."""
+    def _teacher_targets(
+        self, batch: dict[str, Tensor], teacher_temp: float
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens;
+        and the teacher's CLS tokens ``(2B, D)`` (swapped like the DINO targets)."""
         out = self.teacher.backbone(batch["global_crops"], is_training=True,
                                     select_patches=self._patches_read(batch))
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
@@ -156,7 +160,7 @@ class SSLMetaArch(nn.Module):
                 ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(
                     patch_logits, teacher_temp, batch["n_masked_patches"]
                 )
-        return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
+        return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t, cls
 
     # ---------------------------------------------------------------------------------------------- student
     def _student_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -207,13 +211,16 @@ class SSLMetaArch(nn.Module):
             "n_masked_patches": batch["n_masked_patches"].to(dev, non_blocking=nb),
         }
 
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss (scalar with graph) and the individual losses (detached) for one batch."""
+    def compute_losses(
+        self, batch: dict[str, Any], teacher_temp: float, diagnostics: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (scalar with graph) and the individual losses (detached) for one batch; with ``diagnostics``
+        also the collapse statistics (``diag_*``, see :mod:`ssl_distill.train.diagnostics`; a collective)."""
         b = self._to_device(batch)
         cfg = self.cfg
         n_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) + N_GLOBAL_CROPS * self.n_local_crops
         with self._autocast():
-            dino_t, ibot_t = self._teacher_targets(b, teacher_temp)
+            dino_t, ibot_t, teacher_cls = self._teacher_targets(b, teacher_temp)
             _reshard(self.teacher)  # the teacher has no backward to reshard it (FSDP)
             s = self._student_logits(b)
         losses: dict[str, Tensor] = {}
@@ -236,13 +243,27 @@ class SSLMetaArch(nn.Module):
             total = total + cfg.ibot.loss_weight * losses["ibot_loss"]
         losses = {k: v.detach() for k, v in losses.items()}
         losses["total_loss"] = total.detach()
+        if diagnostics:
+            losses.update(self._diagnostics(losses, dino_t, ibot_t, teacher_cls, s))
         return total, losses
 
+    def _diagnostics(self, losses: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor | None, teacher_cls: Tensor,
+                     s: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Collapse statistics from tensors this step already holds (no extra forward); see ``compute_losses``."""
+        stats = collapse_statistics(dino_t.flatten(0, 1), teacher_cls, ibot_t, s.get("masked"),
+                                    self.ibot_patch_loss.student_temp)
+        out = {k: torch.tensor(v, device=self.device) for k, v in stats.items()}
+        dino_sum = sum(v for k, v in losses.items() if k.startswith("dino_"))
+        out["diag_dino_ce_ratio"] = dino_ce_ratio(dino_sum, self.cfg.dino.head_n_prototypes)
+        return out
+
     def forward_backward(
-        self, batch: dict[str, Any], teacher_temp: float, scaler: torch.amp.GradScaler | None = None
+        self, batch: dict[str, Any], teacher_temp: float, scaler: torch.amp.GradScaler | None = None,
+        diagnostics: bool = False,
     ) -> dict[str, Tensor]:
-        """Compute the losses and back-propagate them; returns the individual (detached) losses."""
-        total, losses = self.compute_losses(batch, teacher_temp)
+        """Compute the losses and back-propagate them; returns the individual (detached) losses (and, with
+        ``diagnostics``, the collapse statistics)."""
+        total, losses = self.compute_losses(batch, teacher_temp, diagnostics)
         (scaler.scale(total) if scaler is not None else total).backward()
         return losses
 

@@ -26,6 +26,7 @@ from ssl_distill.data import InfiniteSampler, MaskingGenerator, MultiCropAugment
 from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
+from ssl_distill.train.diagnostics import CollapseMonitor
 from ssl_distill.train.meta_arch import SSLMetaArch, backbone_kwargs
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
@@ -108,6 +109,7 @@ class Trainer:
         self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
         self.schedules = build_schedules(cfg)
         self.monitor = KnnMonitor(cfg, backbone_kwargs(cfg, student=False)) if KnnMonitor.enabled(cfg) else None
+        self.collapse = CollapseMonitor(cfg)
         self.start_iter = self._maybe_resume(resume)
         self.last_checkpoint = ckpt.find_latest_checkpoint(self.output_dir)
         if distributed.is_main_process():
@@ -154,7 +156,8 @@ class Trainer:
         values = self.schedules.at(it)
         apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler)
+        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler,
+                                            diagnostics=self._logs_after(it + 1))
         stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())
         reduced = dict(zip(losses, stacked.tolist()))
         if not math.isfinite(reduced["total_loss"]):
@@ -199,10 +202,11 @@ class Trainer:
                     it % cfg.evaluation.eval_period_iterations == 0 or it == self.total_iters
                 ):
                     record.update(self._evaluate())
-                if it % cfg.train.log_period == 0 or it == self.total_iters:
+                if self._logs_after(it):
                     n = it % cfg.train.log_period or cfg.train.log_period
                     elapsed = time.perf_counter() - window_start
                     metrics.write(self._record(it, record, n, elapsed, data_time, broken))
+                    self.collapse.update(it, record)
                     window_start, data_time = time.perf_counter(), 0.0
                 if it % cfg.train.checkpoint_period == 0 and it < self.total_iters:
                     self.save(it)
@@ -211,6 +215,10 @@ class Trainer:
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
+
+    def _logs_after(self, completed: int) -> bool:
+        """Whether a metric line is written after ``completed`` iterations (collapse statistics are computed then)."""
+        return completed % self.cfg.train.log_period == 0 or completed == self.total_iters
 
     def _evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
