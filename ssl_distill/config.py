@@ -84,6 +84,7 @@ class TrainConfig:
 @dataclass
 class StudentConfig:
     arch: str = "vit_large"
+    depth: int = 0  # number of blocks; 0 keeps the architecture's (12 for vit_tiny/small/base), e.g. 4 for tiny data
     patch_size: int = 16
     drop_path_rate: float = 0.3
     layerscale: float = 1.0e-05
@@ -298,6 +299,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("train.num_workers", "train.keep_last_checkpoints", "crops.local_crops_number",
                 "student.num_register_tokens",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs",
+                "student.depth",
                 "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.min_lr",
                 "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "student.layerscale"):
         _check_range(cfg, key, 0)

@@ -120,3 +120,39 @@ def test_monitor_warns_once_after_warmup_and_patience(caplog):
                 "configs/small_data.yaml"):
         assert key in message
     assert sum("looks collapsed" in r.getMessage() for r in caplog.records) == 1
+
+
+def _train(tmp_path, photo_folder, config: str, **overrides: object) -> list[dict]:
+    from train_utils import tiny_overrides
+
+    from ssl_distill.config import load_config
+    from ssl_distill.train.metrics import read_metrics
+    from ssl_distill.train.trainer import Trainer
+
+    cfg = load_config(config, tiny_overrides(photo_folder, **{"optim.epochs": 3, **overrides}))
+    Trainer(cfg, tmp_path).run()
+    return read_metrics(tmp_path)
+
+
+@pytest.mark.slow
+def test_a_run_made_to_collapse_gets_one_warning(tmp_path, photo_folder, caplog, monkeypatch):
+    from train_utils import TINY
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # A teacher at temperature 1 over cosine logits in [-1, 1] is uniform by construction: uniform collapse.
+    records = _train(tmp_path, photo_folder, TINY, **{"teacher.teacher_temp": 1.0, "teacher.warmup_teacher_temp": 1.0})
+    assert all(r["diag_dino_teacher_info"] < INFO_MIN for r in records)
+    warnings = [r.getMessage() for r in caplog.records if "looks collapsed" in r.getMessage()]
+    assert len(warnings) == 1 and "uniform collapse" in warnings[0] and "teacher.teacher_temp" in warnings[0]
+
+
+@pytest.mark.slow
+def test_a_healthy_run_does_not_warn(tmp_path, photo_folder, caplog, monkeypatch):
+    from train_utils import REPO
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    small = str(REPO / "configs" / "small_data.yaml")
+    records = _train(tmp_path, photo_folder, small, **{"train.num_workers": 0})
+    assert len(records) == 12 and all(not collapse_signs(r) for r in records)
+    assert min(r["diag_dino_teacher_info"] for r in records) > 2 * INFO_MIN
+    assert not [r for r in caplog.records if "looks collapsed" in r.getMessage()]

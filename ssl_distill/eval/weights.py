@@ -54,6 +54,7 @@ def backbone_from_config(cfg: DictConfig) -> VisionTransformer:
         interpolate_antialias=s.interpolate_antialias,
         interpolate_offset=s.interpolate_offset,
         attn_impl=s.attn_impl,
+        **({"depth": s.depth} if s.depth else {}),
     )
 
 
@@ -139,7 +140,8 @@ def _likely_causes(model_sd: dict[str, torch.Tensor], sd: dict[str, torch.Tensor
         hints.append("the file uses chunked blocks (blocks.<chunk>.<idx>.*): convert it to the flat layout first")
     depth, model_depth = _count_blocks(sd), _count_blocks(model_sd)
     if depth and depth != model_depth:
-        hints.append(f"the weights have {depth} blocks, the model {model_depth}: choose the matching student.arch")
+        hints.append(f"the weights have {depth} blocks, the model {model_depth}: choose the matching student.arch "
+                     "(or student.depth)")
     pe, mpe = sd.get("patch_embed.proj.weight"), model_sd.get("patch_embed.proj.weight")
     if pe is not None and mpe is not None and pe.shape != mpe.shape:
         if pe.shape[0] != mpe.shape[0]:
