@@ -74,7 +74,7 @@ class LightlyRun:
         self.model = LightlyDINOv2(
             cfg.student.arch, cfg.student.patch_size, cfg.crops.global_crops_size, cfg.dino.head_n_prototypes,
             cfg.dino.head_hidden_dim, cfg.dino.head_bottleneck_dim, cfg.student.drop_path_rate,
-            init_values=cfg.student.layerscale if same else 1e-5,
+            depth=cfg.student.depth or None, init_values=cfg.student.layerscale if same else 1e-5,
             ibot_weight=cfg.ibot.loss_weight if same else 1.0,
             koleo_weight=cfg.dino.koleo_loss_weight if same else 0.1,
         )
