@@ -42,10 +42,13 @@ class LightlyDINOv2(nn.Module):
         patch_size, img_size: ViT patch size and the size of the learned position grid (global crop size).
         n_prototypes, hidden_dim, bottleneck_dim: DINOv2 head sizes.
         drop_path_rate: uniform stochastic depth of the student.
+        init_values: LayerScale init of the timm ViT (the example's 1e-5).
+        ibot_weight, koleo_weight: loss weights (the example's 1.0 and 0.1).
     """
 
     def __init__(self, arch: str, patch_size: int, img_size: int, n_prototypes: int, hidden_dim: int,
-                 bottleneck_dim: int, drop_path_rate: float, depth: int | None = None) -> None:
+                 bottleneck_dim: int, drop_path_rate: float, depth: int | None = None, init_values: float = 1e-5,
+                 ibot_weight: float = 1.0, koleo_weight: float = 0.1) -> None:
         super().__init__()
         from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
         from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
@@ -56,7 +59,7 @@ class LightlyDINOv2(nn.Module):
         if depth is not None:
             a["depth"] = depth
         vit = TimmViT(img_size=img_size, patch_size=patch_size, num_classes=0, pos_embed="learn",
-                      dynamic_img_size=True, init_values=1e-5, **a)
+                      dynamic_img_size=True, init_values=init_values, **a)
         self.teacher_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
         self.student_backbone = copy.deepcopy(self.teacher_backbone)
         update_drop_path_rate(self.student_backbone.vit, drop_path_rate=drop_path_rate, mode="uniform")
@@ -72,6 +75,7 @@ class LightlyDINOv2(nn.Module):
         self.dino_criterion = DINOLoss(output_dim=n_prototypes)
         self.ibot_criterion = IBOTPatchLoss(output_dim=n_prototypes)
         self.koleo_criterion = KoLeoLoss()
+        self.ibot_weight, self.koleo_weight = ibot_weight, koleo_weight
 
     def build_optimizer(self) -> torch.optim.AdamW:
         """AdamW with the usual decay / no-decay groups (biases, norms, tokens, LayerScale: no decay)."""
@@ -85,7 +89,8 @@ class LightlyDINOv2(nn.Module):
                                  lr=1e-4, betas=(0.9, 0.999))
 
     def compute_loss(self, batch: dict[str, Any], teacher_temp: float) -> Tensor:
-        """DINO + iBOT + 0.1 * KoLeo for one batch dict of :func:`ssl_distill.data.collate_data_and_cast`."""
+        """DINO + iBOT + KoLeo (weights 1, ``ibot_weight``, ``koleo_weight``) for one batch dict of
+        :func:`ssl_distill.data.collate_data_and_cast`."""
         dev = self.student_head.last_layer.weight_v.device
         global_views = batch["collated_global_crops"].to(dev, non_blocking=True)
         local_views = batch["collated_local_crops"].to(dev, non_blocking=True)
@@ -114,8 +119,8 @@ class LightlyDINOv2(nn.Module):
                                    student_out=list(student_cls_out.chunk(n_views)), teacher_temp=teacher_temp)
         ibot = self.ibot_criterion(teacher_out=teacher_masked_out, student_out=student_masked_out, mask=block_mask,
                                    teacher_temp=teacher_temp)
-        koleo = 0.1 * sum(self.koleo_criterion(t) for t in s_global_cls.chunk(2))
-        return dino + ibot + koleo
+        koleo = self.koleo_weight * sum(self.koleo_criterion(t) for t in s_global_cls.chunk(2))
+        return dino + self.ibot_weight * ibot + koleo
 
     def step(self, batch: dict[str, Any], optimizer: torch.optim.Optimizer, teacher_temp: float = 0.07,
              momentum: float = 0.994, clip_grad: float = 3.0, amp_dtype: torch.dtype | None = None) -> float:

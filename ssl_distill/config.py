@@ -131,6 +131,8 @@ class StudentConfig:
     """The backbone architecture (student and teacher share it)."""
 
     arch: str = opt("vit_large", f"backbone: {', '.join(ARCHS)}")
+    depth: int = opt(0, "number of transformer blocks; 0 keeps the architecture's (12 for vit_tiny/small/base); "
+                     "a shallower ViT (e.g. 4) learns faster on tiny data sets")
     patch_size: int = opt(16, "patch side in pixels (14 in the DINOv2 models); crop sizes must be multiples of it")
     drop_path_rate: float = opt(0.3, "stochastic-depth rate of the student (the teacher has none); about 0.1 suits "
                                 "small models")
@@ -203,6 +205,8 @@ class CropsConfig:
     local_crops_scale: list[float] = opt([0.05, 0.32], "[min, max] area of a local crop, as a fraction of the image")
     global_crops_size: int = opt(224, "side of a global crop in pixels (a multiple of student.patch_size)")
     local_crops_size: int = opt(96, "side of a local crop in pixels (a multiple of student.patch_size)")
+    horizontal_flip_p: float = opt(0.5, "probability of a horizontal flip of each crop; 0 for images whose left "
+                                   "and right differ in meaning (digits, text)")
 
 
 @dataclass
@@ -405,7 +409,7 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("train.num_workers", "train.keep_last_checkpoints", "crops.local_crops_number",
                 "student.num_register_tokens",
                 "optim.warmup_epochs", "optim.freeze_last_layer_epochs", "teacher.warmup_teacher_temp_epochs",
-                "optim.freeze_backbone_epochs", "distill.cls_loss_weight", "distill.patch_loss_weight",
+                "optim.freeze_backbone_epochs", "student.depth", "distill.cls_loss_weight", "distill.patch_loss_weight",
                 "optim.weight_decay", "optim.weight_decay_end", "optim.clip_grad", "optim.min_lr",
                 "dino.loss_weight", "dino.koleo_loss_weight", "ibot.loss_weight", "student.layerscale"):
         _check_range(cfg, key, 0)
@@ -420,7 +424,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_range(cfg, "optim.base_lr", 0, low_open=True)
     _require(cfg.optim.lr >= 0, "optim.lr", f"{cfg.optim.lr} is negative; leave it at 0 to derive it from base_lr.")
     for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher", "student.drop_path_rate",
-                "ibot.mask_sample_probability", "optim.adamw_beta1", "optim.adamw_beta2"):
+                "ibot.mask_sample_probability", "crops.horizontal_flip_p", "optim.adamw_beta1", "optim.adamw_beta2"):
         _check_range(cfg, key, 0, 1)
     _check_range(cfg, "optim.layerwise_decay", 0, 1, low_open=True)
     _check_range(cfg, "optim.patch_embed_lr_mult", 0)

@@ -42,8 +42,9 @@ def _knn_row(name: str, weights: str, config_file: str, data: tuple[Path, Path],
     return {"backbone": name, **{f"k={k} top-1 (%)": round(top1[k], 2) for k in KS}}
 
 
-def _pixel_row(data: tuple[Path, Path]) -> dict[str, Any]:
-    """The same k-NN on raw pixels: what a learned representation has to beat on such small, clean images."""
+def pixel_knn(data: tuple[Path, Path], ks: tuple[int, ...] = KS) -> dict[int, float]:
+    """Weighted k-NN top-1 (%) on raw (per-image centred) pixels, per ``k``: what a learned representation has to
+    beat on such small, clean images. ``data`` is ``(train_dir, val_dir)`` of class folders."""
     from ssl_distill.data import build_image_dataset
     from ssl_distill.eval.knn import knn_accuracy
 
@@ -54,27 +55,45 @@ def _pixel_row(data: tuple[Path, Path]) -> dict[str, Any]:
         return x - x.mean(1, keepdim=True), torch.tensor(ds.targets)
 
     (xt, yt), (xv, yv) = load(data[0]), load(data[1])
-    acc = knn_accuracy(xt, yt, xv, yv, ks=KS, num_classes=10)
-    return {"backbone": "raw pixels (reference)", **{f"k={k} top-1 (%)": round(acc[k]["top1"], 2) for k in KS}}
+    acc = knn_accuracy(xt, yt, xv, yv, ks=ks, num_classes=len(set(yt.tolist())))
+    return {k: acc[k]["top1"] for k in ks}
+
+
+LOSS_KEYS = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
+# Collapse statistics (ssl_distill.train.diagnostics), all on a 0..1 scale: entropies and information in ln K,
+# cross-entropy over its uniform value, CLS spread relative to random directions.
+DIAG_KEYS = ("diag_dino_teacher_entropy", "diag_dino_teacher_batch_entropy", "diag_dino_teacher_info",
+             "diag_dino_ce_ratio", "diag_ibot_teacher_entropy", "diag_ibot_teacher_info", "diag_ibot_ce_ratio",
+             "diag_cls_std")
 
 
 def _plot_losses(output_dir: Path, run_dir: Path) -> Path:
+    """``loss_curve.png``: the losses (left) and the collapse statistics (right) per logged iteration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ssl_distill.train.diagnostics import INFO_MIN
     from ssl_distill.train.metrics import read_metrics
 
     records = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss"):
-        if key in records[0]:  # a loss with weight 0 is not computed, so not logged
-            ax.plot([r["iteration"] for r in records], [r[key] for r in records], label=key)
-    ax.set_xlabel("iteration")
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for axis, keys in ((ax, LOSS_KEYS), (dx, DIAG_KEYS)):
+        for key in keys:  # a loss with weight 0 is not computed, so not logged
+            points = [(r["iteration"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points), label=key.removeprefix("diag_"), ls="--" if "ibot" in key else "-")
+        axis.set_xlabel("iteration")
+        axis.legend(fontsize=7)
     ax.set_ylabel("loss")
-    ax.set_title("ssl-distill demo: pretraining on handwritten digits")
-    ax.legend()
+    ax.set_title("losses")
+    dx.axhline(INFO_MIN, color="red", lw=0.8, ls=":", label="collapse threshold (teacher info)")
+    dx.axhline(1.0, color="grey", lw=0.8, ls=":")
+    dx.set_ylim(-0.02, 1.1)
+    dx.set_title("collapse statistics (entropy, info in ln K; CE / ln K; CLS std x sqrt(D))")
+    dx.title.set_fontsize(9)
+    fig.suptitle("ssl-distill demo: pretraining on handwritten digits")
     fig.tight_layout()
     path = output_dir / "loss_curve.png"
     fig.savefig(path, dpi=100)
@@ -94,6 +113,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def run_demo(args: argparse.Namespace) -> int:
     from ssl_distill.config import load_config
     from ssl_distill.data.digits import write_digits_folders
+    from ssl_distill.train.diagnostics import replay_collapse_monitor
+    from ssl_distill.train.metrics import read_metrics
     from ssl_distill.train.trainer import train
 
     output_dir = Path(args.output_dir)
@@ -108,15 +129,18 @@ def run_demo(args: argparse.Namespace) -> int:
     rows = [
         _knn_row("random init", "random", config_file, data, size),
         _knn_row("pretrained teacher", str(summary["teacher_backbone"]), str(run_dir / "config.yaml"), data, size),
-        _pixel_row(data),
+        {"backbone": "raw pixels (reference)", **{f"k={k} top-1 (%)": round(v, 2) for k, v in pixel_knn(data).items()}},
     ]
     curve = _plot_losses(output_dir, run_dir)
+    collapse = replay_collapse_monitor(cfg, read_metrics(run_dir))
     results = {"rows": rows, "train_images": TRAIN_PER_CLASS * 10, "val_images": VAL_PER_CLASS * 10,
-               "run_dir": str(run_dir), "loss_curve": str(curve)}
+               "run_dir": str(run_dir), "loss_curve": str(curve), "collapse_warning": collapse}
     atomic_write_text(output_dir / "demo_results.json", json.dumps(results, indent=2) + "\n")
     print(f"\n[demo] weighted k-NN on {VAL_PER_CLASS * 10} held-out digits "
           f"(memory bank: {TRAIN_PER_CLASS * 10} train digits)\n")
     print(_table(rows))
+    if collapse:
+        print(f"\n[demo] WARNING: {collapse}")
     print(f"\n[demo] outputs: {run_dir} (checkpoints, training_metrics.jsonl, teacher_backbone.pth), {curve}, "
           f"{output_dir / 'demo_results.json'}")
     return 0

@@ -39,7 +39,16 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     _load("data_pipeline").main(["--images", "2", "--repeats", "1", "--local-crops", "2", "--out-dir", out])
     knn_rows = _load("knn").main(["--train", "2000", "--queries", "50", "--repeats", "1", "--out-dir", out])
     assert all(r["top1_agree"] for r in knn_rows)
-    for name in ("train_step_cpu", "data_pipeline", "knn"):
+    tiny = str(BENCH.parent / "configs" / "tiny_cpu.yaml")
+    learn_rows = _load("learning").main(["--config", tiny, "--out-dir", out, "--threads", "1", "optim.epochs=1",
+                                         "train.iters_per_epoch=2", "optim.warmup_epochs=0",
+                                         "train.batch_size_per_gpu=8", "train.log_period=1"])
+    names = [r["pipeline"] for r in learn_rows]
+    assert names == ["ours", "lightly+timm (same hyper-parameters)", "lightly+timm (example settings)",
+                     "random init (ours, same seed)", "raw pixels"]
+    assert all(0 <= r["knn20_top1"] <= 100 for r in learn_rows) and learn_rows[-1]["knn20_top1"] > 90
+    assert all(r["iterations"] == 2 and r["train_s"] > 0 for r in learn_rows[:3])
+    for name in ("train_step_cpu", "data_pipeline", "knn", "learning"):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["rows"]
         assert "environment" in payload

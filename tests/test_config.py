@@ -105,6 +105,7 @@ def test_save_config_roundtrip(tmp_path):
         (["crops.local_crops_number=-1"], "'crops.local_crops_number'"),
         (["teacher.teacher_temp=0"], "'teacher.teacher_temp'"),
         (["optim.layerwise_decay=0"], "'optim.layerwise_decay'"),
+        (["student.depth=-1"], "'student.depth'.*>= 0"),
     ],
 )
 def test_bad_values_name_the_key(overrides, expected):
@@ -215,3 +216,18 @@ def test_config_command_changed_only_and_errors(capsys):
     assert "every value is the default" in capsys.readouterr().out
     assert main(["config", "optim.epochs=0"]) == 2
     assert "'optim.epochs'" in capsys.readouterr().err
+
+
+def test_student_depth_reaches_the_training_and_evaluation_backbones():
+    from ssl_distill.models import backbone_from_config
+    from ssl_distill.train.meta_arch import SSLMetaArch
+
+    small = ["student.arch=vit_tiny", "student.patch_size=8", "crops.global_crops_size=32", "crops.local_crops_size=16",
+             "dino.head_n_prototypes=16", "ibot.head_n_prototypes=16", "dino.head_hidden_dim=32",
+             "ibot.head_hidden_dim=32"]
+    assert len(backbone_from_config(load_config(None, small)).blocks) == 12  # 0: the architecture's depth
+    cfg = load_config(None, [*small, "student.depth=3"])
+    meta = SSLMetaArch(cfg)
+    assert len(meta.student.backbone.blocks) == len(meta.teacher.backbone.blocks) == 3
+    evaluated = backbone_from_config(cfg)
+    evaluated.load_state_dict(meta.teacher.backbone.state_dict(), strict=True)

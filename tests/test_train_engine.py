@@ -215,8 +215,8 @@ def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folde
     real = trainer.meta.compute_losses
     calls = {"n": 0}
 
-    def poisoned(batch, teacher_temp):
-        total, losses = real(batch, teacher_temp)
+    def poisoned(batch, teacher_temp, *args):
+        total, losses = real(batch, teacher_temp, *args)
         calls["n"] += 1
         if calls["n"] == 4:  # iteration 3 (0-based): after the checkpoint at iteration 2
             total = total * float("nan")

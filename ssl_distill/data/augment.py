@@ -111,7 +111,12 @@ class MultiCropAugmentation:
         local_crops_number: int = 8,
         global_crops_size: int = 224,
         local_crops_size: int = 96,
+        flip_p: float | None = None,
     ) -> None:
+        if flip_p is not None:
+            if not (isinstance(flip_p, (int, float)) and not isinstance(flip_p, bool) and 0.0 <= flip_p <= 1.0):
+                raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}.")
+            self.flip_p = float(flip_p)
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
         if not isinstance(local_crops_number, int) or isinstance(local_crops_number, bool) or local_crops_number < 0:

@@ -144,7 +144,8 @@ def likely_causes(model_sd: StateDict, sd: StateDict) -> list[str]:
             hints.append(f"set student.{flag}={any(k.endswith(key) for k in sd)}")
     depth, model_depth = _count_blocks(sd), _count_blocks(model_sd)
     if depth and depth != model_depth:
-        hints.append(f"the weights have {depth} blocks, the model {model_depth}: choose the matching student.arch")
+        hints.append(f"the weights have {depth} blocks, the model {model_depth}: choose the matching student.arch "
+                     "(or student.depth)")
     pe, mpe = sd.get("patch_embed.proj.weight"), model_sd.get("patch_embed.proj.weight")
     if pe is not None and mpe is not None and pe.shape != mpe.shape:
         if pe.shape[0] != mpe.shape[0]:

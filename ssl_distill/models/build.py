@@ -32,6 +32,8 @@ def backbone_kwargs(cfg: Any, stochastic_depth: bool = False) -> dict[str, Any]:
         num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
         interpolate_offset=s.interpolate_offset, attn_impl=s.attn_impl,
     )
+    if s.depth:
+        kwargs["depth"] = s.depth
     if stochastic_depth:
         kwargs.update(drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform)
     return kwargs

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ssl_distill import distributed
 from ssl_distill.models import DINOHead
 from ssl_distill.models.stochastic_depth import sample_keys
+from ssl_distill.train.diagnostics import collapse_statistics, dino_ce_ratio
 
 N_GLOBAL_CROPS = 2
 
@@ -68,7 +69,8 @@ class StudentTeacherArch(nn.Module):
         self.teacher.requires_grad_(False)
         self._student_fwd = dict(self.student.items())
 
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, diagnostics: bool = False
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
         """Total loss (scalar with graph) and the individual losses (detached, incl. ``total_loss``)."""
         raise NotImplementedError
 
@@ -128,6 +130,17 @@ class StudentTeacherArch(nn.Module):
                 ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
         return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
 
+    def _diagnostics(self, losses: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor | None, teacher_cls: Tensor,
+                     student_masked: Tensor | None) -> dict[str, Tensor]:
+        """Collapse statistics from tensors the step already holds (no extra forward): ``dino_t`` ``(2, B, K)``,
+        ``ibot_t`` ``(M, K')`` with the student's logits of the same tokens, the teacher's CLS tokens."""
+        stats = collapse_statistics(dino_t.flatten(0, 1), teacher_cls, ibot_t, student_masked,
+                                    self.ibot_patch_loss.student_temp)
+        out = {k: torch.tensor(v, device=self.device) for k, v in stats.items()}
+        dino_sum = sum(v for k, v in losses.items() if k.startswith("dino_"))
+        out["diag_dino_ce_ratio"] = dino_ce_ratio(dino_sum, dino_t.shape[-1])
+        return out
+
     def _dino_losses(self, local_cls: Tensor | None, global_cls: Tensor, dino_t: Tensor) -> dict[str, Tensor]:
         """DINO terms, each divided by their number: local crops against both teacher crops, and both global
         pairs at once — student ``(2B, K)`` rows against the swapped teacher rows (x2 = the sum of 2 means)."""
@@ -166,10 +179,12 @@ class StudentTeacherArch(nn.Module):
                 sample_keys(seed, positions, range(N_GLOBAL_CROPS, N_GLOBAL_CROPS + self.n_local_crops))]
 
     def forward_backward(
-        self, batch: dict[str, Any], teacher_temp: float, scaler: torch.amp.GradScaler | None = None
+        self, batch: dict[str, Any], teacher_temp: float, scaler: torch.amp.GradScaler | None = None,
+        diagnostics: bool = False,
     ) -> dict[str, Tensor]:
-        """Compute the losses and back-propagate them; returns the individual (detached) losses."""
-        total, losses = self.compute_losses(batch, teacher_temp)
+        """Compute the losses and back-propagate them; returns the individual (detached) losses (and, with
+        ``diagnostics``, the collapse statistics)."""
+        total, losses = self.compute_losses(batch, teacher_temp, diagnostics)
         (scaler.scale(total) if scaler is not None else total).backward()
         return losses
 

@@ -199,23 +199,26 @@ class DistillMetaArch(StudentTeacherArch):
         return result
 
     # ------------------------------------------------------------------------------------------------- step
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss (scalar with graph) and the individual losses (detached) for one batch."""
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, diagnostics: bool = False
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (scalar with graph) and the individual losses (detached) for one batch; with ``diagnostics``
+        and the heads recipe also the collapse statistics of the (frozen) teacher's targets and the student's
+        iBOT predictions (the features recipe has no prototypes to watch)."""
         b = self._to_device(batch)
         crops = [b["global_crops"]] + ([b["local_crops"]] if self.n_local_crops > 0 else [])
         grids = [c.shape[-1] // self.student.backbone.patch_size for c in crops]
         with self._autocast():
             if self.recipe == "heads":
                 (t_cls, t_patches), = self._teacher_tokens(crops[:1], grids[:1])
-                losses, total = self._heads_losses(crops, t_cls, t_patches, teacher_temp)
+                losses, total = self._heads_losses(crops, t_cls, t_patches, teacher_temp, diagnostics)
             else:
                 losses, total = self._feature_losses(crops, self._teacher_tokens(crops, grids))
         losses = {k: v.detach() for k, v in losses.items()}
         losses["total_loss"] = total.detach()
         return total, losses
 
-    def _heads_losses(self, crops: list[Tensor], t_cls: Tensor, t_patches: Tensor, teacher_temp: float
-                      ) -> tuple[dict[str, Tensor], Tensor]:
+    def _heads_losses(self, crops: list[Tensor], t_cls: Tensor, t_patches: Tensor, teacher_temp: float,
+                      diagnostics: bool = False) -> tuple[dict[str, Tensor], Tensor]:
         """The DINOv2-paper recipe: DINO on CLS tokens, iBOT on every global patch token, KoLeo."""
         cfg, heads = self.cfg, self.frozen.heads
         with torch.no_grad():
@@ -240,7 +243,11 @@ class DistillMetaArch(StudentTeacherArch):
             total = total + losses["koleo_loss"]
         every_patch = torch.ones(g_patches.shape[:2], dtype=torch.bool, device=g_patches.device)
         losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(patch_logits.float(), ibot_t, every_patch)
-        return losses, total + cfg.ibot.loss_weight * losses["ibot_loss"]
+        total = total + cfg.ibot.loss_weight * losses["ibot_loss"]
+        if diagnostics:
+            losses.update(self._diagnostics({k: v.detach() for k, v in losses.items()}, dino_t, ibot_t, swapped,
+                                            patch_logits))
+        return losses, total
 
     def _feature_losses(self, crops: list[Tensor], targets: list[tuple[Tensor, Tensor]]
                         ) -> tuple[dict[str, Tensor], Tensor]:

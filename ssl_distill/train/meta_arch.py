@@ -68,8 +68,10 @@ class SSLMetaArch(StudentTeacherArch):
 
     # ---------------------------------------------------------------------------------------------- teacher
     @torch.no_grad()
-    def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float) -> tuple[Tensor, Tensor | None]:
-        """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens."""
+    def _teacher_targets(self, batch: dict[str, Tensor], teacher_temp: float
+                         ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Teacher probabilities: DINO ``(2, B, K)`` (crops swapped) and iBOT ``(M, K)`` for the masked tokens;
+        and the teacher's CLS tokens ``(2B, D)`` (swapped like the DINO targets)."""
         out = self.teacher.backbone([batch["global_crops"]], is_training=True,
                                     select_patches=[self._patches_read(batch)])[0]
         cls = out["x_norm_clstoken"].chunk(N_GLOBAL_CROPS)
@@ -82,7 +84,7 @@ class SSLMetaArch(StudentTeacherArch):
         else:
             cls_logits = self.teacher.dino_head(cls)
             patch_logits = self.teacher.ibot_head(masked_patches) if self.do_ibot else None
-        return self._teacher_probabilities(cls_logits, patch_logits, teacher_temp)
+        return (*self._teacher_probabilities(cls_logits, patch_logits, teacher_temp), cls)
 
     # ---------------------------------------------------------------------------------------------- student
     def _student_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -113,12 +115,14 @@ class SSLMetaArch(StudentTeacherArch):
             result["masked"] = logits.pop(0) if not self.ibot_separate_head else self._student_fwd["ibot_head"](masked)
         return result
 
-    def compute_losses(self, batch: dict[str, Any], teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss (scalar with graph) and the individual losses (detached) for one batch."""
+    def compute_losses(self, batch: dict[str, Any], teacher_temp: float, diagnostics: bool = False
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss (scalar with graph) and the individual losses (detached) for one batch; with ``diagnostics``
+        also the collapse statistics (``diag_*``, see :mod:`ssl_distill.train.diagnostics`; a collective)."""
         b = self._to_device(batch)
         cfg = self.cfg
         with self._autocast():
-            dino_t, ibot_t = self._teacher_targets(b, teacher_temp)
+            dino_t, ibot_t, teacher_cls = self._teacher_targets(b, teacher_temp)
             reshard(self.teacher)  # the teacher has no backward to reshard it (FSDP)
             s = self._student_logits(b)
         losses = self._dino_losses(s["local_cls"], s["global_cls"], dino_t)
@@ -133,5 +137,7 @@ class SSLMetaArch(StudentTeacherArch):
             total = total + cfg.ibot.loss_weight * losses["ibot_loss"]
         losses = {k: v.detach() for k, v in losses.items()}
         losses["total_loss"] = total.detach()
+        if diagnostics:
+            losses.update(self._diagnostics(losses, dino_t, ibot_t, teacher_cls, s.get("masked")))
         return total, losses
 

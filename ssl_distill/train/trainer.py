@@ -35,6 +35,7 @@ from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
 from ssl_distill.train.arch_base import StudentTeacherArch
+from ssl_distill.train.diagnostics import CollapseMonitor
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
@@ -104,7 +105,7 @@ def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: i
     c = cfg.crops
     augmentation = MultiCropAugmentation(
         tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
-        c.global_crops_size, c.local_crops_size,
+        c.global_crops_size, c.local_crops_size, flip_p=c.horizontal_flip_p,
     )
     side = c.global_crops_size // cfg.student.patch_size
     collator = TrainingCollator(
@@ -161,6 +162,7 @@ class Trainer:
         self.optimizer = build_optimizer(groups, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), self.device)
         self.schedules = build_schedules(cfg)
         self.monitor = KnnMonitor(cfg) if KnnMonitor.enabled(cfg) else None
+        self.collapse = CollapseMonitor(cfg)
         self.last_checkpoint: Path | None = None
         self.start_iter = self._restore(resume_from)
         if distributed.is_main_process():
@@ -240,7 +242,8 @@ class Trainer:
         apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"],
                              values["backbone_lr_factor"])
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler)
+        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler,
+                                            diagnostics=self._logs_after(it + 1))
         stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())
         reduced = dict(zip(losses, stacked.tolist()))
         if not math.isfinite(reduced["total_loss"]):
@@ -292,10 +295,11 @@ class Trainer:
                     it % cfg.evaluation.eval_period_iterations == 0 or it == self.total_iters
                 ):
                     record.update(self._evaluate())
-                if it % cfg.train.log_period == 0 or it == self.total_iters:
+                if self._logs_after(it):
                     n = it % cfg.train.log_period or cfg.train.log_period
                     elapsed = time.perf_counter() - window_start
                     metrics.write(self._record(it, record, n, elapsed, data_time, broken))
+                    self.collapse.update(it, record)
                     window_start, data_time = time.perf_counter(), 0.0
                 if it % cfg.train.checkpoint_period == 0 and it < self.total_iters:
                     self.save(it)
@@ -305,6 +309,10 @@ class Trainer:
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
+
+    def _logs_after(self, completed: int) -> bool:
+        """Whether a metric line is written after ``completed`` iterations (collapse statistics are computed then)."""
+        return completed % self.cfg.train.log_period == 0 or completed == self.total_iters
 
     def _evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
