@@ -207,6 +207,12 @@ class CropsConfig:
     local_crops_size: int = opt(96, "side of a local crop in pixels (a multiple of student.patch_size)")
     horizontal_flip_p: float = opt(0.5, "probability of a horizontal flip of each crop; 0 for images whose left "
                                    "and right differ in meaning (digits, text)")
+    color_jitter_p: float = opt(0.8, "probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, "
+                                "hue 0.1) per crop")
+    grayscale_p: float = opt(0.2, "probability of converting a crop to greyscale")
+    blur_p: list[float] = opt([1.0, 0.1, 0.5], "probability of Gaussian blur for [global crop 1, global crop 2, "
+                              "local crops]; [0, 0, 0] for small clean images (digits), where blur erases the shape")
+    solarize_p: float = opt(0.2, "probability of solarisation of global crop 2 (the other crops never)")
 
 
 @dataclass
@@ -424,7 +430,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check_range(cfg, "optim.base_lr", 0, low_open=True)
     _require(cfg.optim.lr >= 0, "optim.lr", f"{cfg.optim.lr} is negative; leave it at 0 to derive it from base_lr.")
     for key in ("teacher.momentum_teacher", "teacher.final_momentum_teacher", "student.drop_path_rate",
-                "ibot.mask_sample_probability", "crops.horizontal_flip_p", "optim.adamw_beta1", "optim.adamw_beta2"):
+                "ibot.mask_sample_probability", "crops.horizontal_flip_p", "crops.color_jitter_p", "crops.grayscale_p",
+                "crops.solarize_p", "optim.adamw_beta1", "optim.adamw_beta2"):
         _check_range(cfg, key, 0, 1)
     _check_range(cfg, "optim.layerwise_decay", 0, 1, low_open=True)
     _check_range(cfg, "optim.patch_embed_lr_mult", 0)
@@ -434,6 +441,9 @@ def validate_config(cfg: DictConfig) -> None:
     _check_pair(cfg, "ibot.mask_ratio_min_max", 0.0, 1.0)
     _check_pair(cfg, "crops.global_crops_scale", 0.0, 1.0)
     _check_pair(cfg, "crops.local_crops_scale", 0.0, 1.0)
+    blur = list(cfg.crops.blur_p)
+    _require(len(blur) == 3 and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in blur), "crops.blur_p",
+             f"expected three probabilities [global crop 1, global crop 2, local crops] in [0, 1], got {blur}.")
     _require(cfg.crops.global_crops_scale[0] > 0, "crops.global_crops_scale", "the minimum scale must be > 0.")
     _require(cfg.crops.local_crops_scale[0] > 0, "crops.local_crops_scale", "the minimum scale must be > 0.")
     _require(

@@ -401,3 +401,51 @@ def test_pipeline_uses_the_opencv_ops_single_threaded(photos):
     for crop in all_crops(aug(photos[0])):
         assert crop.is_contiguous()
     assert cv2.getNumThreads() == 1
+
+
+def test_probabilities_as_arguments_change_the_rates(photos):
+    aug = MultiCropAugmentation(local_crops_number=1, global_crops_size=8, local_crops_size=8, flip_p=0.0,
+                                global1_blur_p=0.0, local_blur_p=1.0, global2_solarize_p=0.0, color_jitter_p=0.25)
+    assert MultiCropAugmentation.global1_blur_p == 1.0  # the class default is untouched
+    image = torch.from_numpy(np.array(photos[0].resize((24, 16)))).permute(2, 0, 1).contiguous()
+    n = 400
+    torch.manual_seed(0)
+    for pipeline, p in ((aug.global_transfo1, 0.0), (aug.local_transfo, 1.0)):
+        spy, _ = swap_in_spy(pipeline, v2.GaussianBlur)
+        for _ in range(n):
+            pipeline(image)
+        assert_rate(spy.calls, n, p)
+    spy, _ = swap_in_spy(aug.global_transfo1, v2.ColorJitter)
+    for _ in range(n):
+        aug.global_transfo1(image)
+    assert_rate(spy.calls, n, 0.25)
+    assert not any("Solarize" in repr(s) for s in steps(aug.global_transfo2))
+    flips = [s for s in steps(aug.global_transfo2) if isinstance(s, v2.RandomHorizontalFlip)]
+    assert [f.p for f in flips] == [0.0]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"flip_p": 1.5}, ValueError, "flip_p must be a probability"),
+    ({"local_blur_p": True}, ValueError, "local_blur_p must be a probability"),
+    ({"blur_p": 0.5}, TypeError, "unknown augmentation probability 'blur_p'"),
+])
+def test_bad_probabilities_are_named(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        MultiCropAugmentation(**kwargs)
+
+
+def test_config_probabilities_reach_the_training_augmentation(photo_folder):
+    from ssl_distill.config import ConfigError, load_config
+    from ssl_distill.train.trainer import build_train_dataset, build_train_loader
+
+    cfg = load_config(None, [f"train.dataset_path={photo_folder}", "crops.global_crops_size=32",
+                             "crops.local_crops_size=16", "student.patch_size=8", "train.num_workers=0",
+                             "crops.horizontal_flip_p=0", "crops.blur_p=[0,0.25,0]", "crops.solarize_p=0",
+                             "crops.color_jitter_p=0.5", "crops.grayscale_p=0"])
+    aug = build_train_loader(cfg, build_train_dataset(cfg), 0, pin_memory=False).dataset.augmentation
+    assert (aug.flip_p, aug.global1_blur_p, aug.global2_blur_p, aug.local_blur_p) == (0.0, 0.0, 0.25, 0.0)
+    assert (aug.global2_solarize_p, aug.color_jitter_p, aug.grayscale_p) == (0.0, 0.5, 0.0)
+    with pytest.raises(ConfigError, match="crops.blur_p"):
+        load_config(None, ["crops.blur_p=[1.0,0.5]"])
+    with pytest.raises(ConfigError, match="crops.solarize_p"):
+        load_config(None, ["crops.solarize_p=2"])

@@ -73,7 +73,9 @@ class MultiCropAugmentation:
     ``keep_p = 1 - p``, so its blur probabilities are inverted — it never blurs global crop 1, blurs global crop 2
     with probability 0.9, and local crops with 0.5. We apply the probabilities as the DINOv2 / BYOL papers state
     them (1.0 / 0.1 / 0.5). The values are class attributes (``global1_blur_p``, ``global2_blur_p``,
-    ``local_blur_p``, ``global2_solarize_p``, ...); a subclass can override them.
+    ``local_blur_p``, ``global2_solarize_p``, ...); a subclass can override them, and the probabilities named in
+    :attr:`PROBABILITIES` can also be given as keyword arguments (``crops.*_p`` in the config: images such as
+    digits or text want no flip, and clean greyscale ones train better without blur and solarisation).
 
     Randomness comes from torch's global RNG: ``torch.manual_seed(s)`` before a call makes it reproducible
     (DataLoader workers reseed torch per worker, so workers draw different crops).
@@ -101,6 +103,8 @@ class MultiCropAugmentation:
     local_blur_p: float = 0.5
     global2_solarize_p: float = 0.2
     solarize_threshold: int = 128
+    PROBABILITIES = ("flip_p", "color_jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p", "local_blur_p",
+                     "global2_solarize_p")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -111,12 +115,14 @@ class MultiCropAugmentation:
         local_crops_number: int = 8,
         global_crops_size: int = 224,
         local_crops_size: int = 96,
-        flip_p: float | None = None,
+        **probabilities: float,
     ) -> None:
-        if flip_p is not None:
-            if not (isinstance(flip_p, (int, float)) and not isinstance(flip_p, bool) and 0.0 <= flip_p <= 1.0):
-                raise ValueError(f"flip_p must be a probability in [0, 1], got {flip_p!r}.")
-            self.flip_p = float(flip_p)
+        for name, p in probabilities.items():  # instance values shadow the class attributes
+            if name not in self.PROBABILITIES:
+                raise TypeError(f"unknown augmentation probability {name!r}; valid: {', '.join(self.PROBABILITIES)}")
+            if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 <= p <= 1.0):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}.")
+            setattr(self, name, float(p))
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
         if not isinstance(local_crops_number, int) or isinstance(local_crops_number, bool) or local_crops_number < 0:

@@ -99,13 +99,22 @@ def build_train_dataset(cfg: DictConfig) -> ImageDataset:
                                return_broken_flag=True)
 
 
+def augmentation_probabilities(cfg: DictConfig) -> dict[str, float]:
+    """The ``crops.*_p`` keys as :class:`MultiCropAugmentation` keyword arguments."""
+    c = cfg.crops
+    blur = list(c.blur_p)
+    return {"flip_p": c.horizontal_flip_p, "color_jitter_p": c.color_jitter_p, "grayscale_p": c.grayscale_p,
+            "global1_blur_p": blur[0], "global2_blur_p": blur[1], "local_blur_p": blur[2],
+            "global2_solarize_p": c.solarize_p}
+
+
 def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: int,
                        pin_memory: bool) -> torch.utils.data.DataLoader:
     """Seeded multi-crop samples of ``dataset``, this rank's share, from global ``start_position`` on."""
     c = cfg.crops
     augmentation = MultiCropAugmentation(
         tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
-        c.global_crops_size, c.local_crops_size, flip_p=c.horizontal_flip_p,
+        c.global_crops_size, c.local_crops_size, **augmentation_probabilities(cfg),
     )
     side = c.global_crops_size // cfg.student.patch_size
     collator = TrainingCollator(
