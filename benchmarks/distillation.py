@@ -6,7 +6,8 @@ bank, 500 held-out for evaluation), every model trained with ``ssl-distill train
 1. a ViT-S teacher pretrained from scratch for ``--teacher-epochs``;
 2. a ViT-Ti pretrained from scratch for ``--student-epochs`` (the baseline a distilled student must beat);
 3. the same ViT-Ti distilled from the teacher's checkpoint with the DINOv2-paper recipe (``heads``);
-4. the same ViT-Ti distilled from the teacher's exported backbone, head-free (``features``);
+4. the same ViT-Ti distilled from the teacher's exported backbone, head-free (``features``); both distilled students
+   start from a weight selection of the teacher (``distill.student_init=auto``);
 5. continued pretraining: a ViT-S starting from the teacher's exported backbone (official layout) for
    ``--student-epochs``, against 6. the same ViT-S from random init for as many iterations.
 
@@ -36,16 +37,20 @@ from ssl_distill.data.digits import write_digits_folders  # noqa: E402
 
 
 def train(out: Path, config: str, overrides: list[str]) -> float:
-    """``ssl-distill train`` into ``out`` (reused when it finished before); wall-clock minutes."""
+    """``ssl-distill train`` into ``out``; wall-clock minutes (a finished run is reused with the minutes it
+    recorded)."""
+    record = out / "wall_minutes.txt"
     if (out / "teacher_backbone.pth").exists():
-        return float("nan")
+        return float(record.read_text()) if record.exists() else float("nan")
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "ssl_distill.cli", "train", "--config-file", config, "--output-dir", str(out),
            *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return (time.perf_counter() - t0) / 60
+    minutes = (time.perf_counter() - t0) / 60
+    record.write_text(f"{minutes:.2f}\n")
+    return minutes
 
 
 def knn(run: Path, data: tuple[Path, Path], ks: tuple[int, ...] = (20,)) -> float:
@@ -70,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-arch", default="vit_tiny")
     p.add_argument("--teacher-epochs", type=int, default=10)
     p.add_argument("--student-epochs", type=int, default=5)
+    p.add_argument("--distill-overrides", nargs="*", default=[],
+                   help="config overrides of the two distillation rows, e.g. optim.base_lr=0.004 or "
+                        "distill.student_init=random")
     p.add_argument("--out-dir", default="/tmp/ssl_distill_distillation")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
@@ -80,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_ckpt = lambda: sorted(teacher.glob("model_*.pth"))[-1]  # noqa: E731
     teacher_cfg = str(teacher / "config.yaml")
     student = [f"student.arch={args.student_arch}", f"optim.epochs={args.student_epochs}"]
-    distill = ["train.mode=distill"]
+    distill = ["train.mode=distill", *args.distill_overrides]
     runs: list[tuple[str, Path, list[str]]] = [
         ("teacher (from scratch)", teacher,
          [f"student.arch={args.teacher_arch}", f"optim.epochs={args.teacher_epochs}"]),

@@ -37,6 +37,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MODES = ("pretrain", "distill")
 DISTILL_RECIPES = ("auto", "heads", "features")
+DISTILL_STUDENT_INITS = ("auto", "random", "teacher_selection")
 
 
 class ConfigError(ValueError):
@@ -230,6 +231,13 @@ class DistillConfig:
                               "the teacher has them")
     cls_loss_weight: float = opt(1.0, "features recipe: weight of the CLS-token cosine loss")
     patch_loss_weight: float = opt(1.0, "features recipe: weight of the patch-token cosine loss")
+    student_init: str = opt("auto", "teacher_selection: the student starts from evenly spaced channels, whole heads "
+                                    "and the first blocks of the teacher's weights (weight selection, Xu et al. "
+                                    "2024; needs the teacher's head width, patch size and feed-forward); random; "
+                                    "auto: teacher_selection when the student fits, else random (logged)")
+    ema_warmup: bool = opt(True, "cap the EMA student's momentum (teacher.momentum_teacher schedule) by "
+                                 "(1 + it) / (10 + it), so that a short distillation's exported EMA model does not "
+                                 "keep the random initial weights")
     resize_patch_tokens: bool = opt(True, "when teacher and student patch sizes differ, resample the teacher's patch "
                                           "tokens onto the student's grid (false: a patch-size mismatch is an error)")
 
@@ -406,6 +414,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_choice(cfg, "train.precision", PRECISIONS)
     _check_choice(cfg, "train.mode", MODES)
     _check_choice(cfg, "distill.recipe", DISTILL_RECIPES)
+    _check_choice(cfg, "distill.student_init", DISTILL_STUDENT_INITS)
     for key in ("student.patch_size", "train.batch_size_per_gpu", "train.iters_per_epoch", "optim.epochs",
                 "train.checkpoint_period", "train.log_period",
                 "crops.global_crops_size", "crops.local_crops_size", "dino.head_n_prototypes",
@@ -464,6 +473,9 @@ def _check_modes(cfg: DictConfig) -> None:
     if cfg.train.mode == "distill":
         _require(bool(cfg.distill.teacher_weights), "distill.teacher_weights",
                  "train.mode=distill needs a teacher: a zoo name (dinov2_vitb14), a weights file or a checkpoint.")
+        _require(cfg.distill.student_init != "teacher_selection" or not cfg.student.pretrained_weights,
+                 "distill.student_init", "teacher_selection and student.pretrained_weights both say where the "
+                 "student starts; keep one.")
     elif cfg.distill.teacher_weights:
         raise ConfigError("Invalid config value for 'distill.teacher_weights': it is set but train.mode=pretrain "
                           "ignores it; add train.mode=distill, or leave distill.teacher_weights empty.")

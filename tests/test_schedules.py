@@ -101,3 +101,23 @@ def test_a_set_lr_wins_over_the_scaling_rule_and_zero_derives_it(caplog):
     derived = load_config(None, ["train.batch_size_per_gpu=32"])  # optim.lr=0: sqrt rule, global batch 256
     assert apply_scaling_rules(derived, world_size=8) == pytest.approx(0.004 * 0.5)
     assert apply_scaling_rules(derived, world_size=2) == pytest.approx(0.002)  # now set: it stays
+
+
+def test_distillation_ema_forgets_the_initial_weights_within_tens_of_iterations():
+    """Distillation's EMA student: momentum capped by (1 + it) / (10 + it); pretraining keeps the recipe's schedule,
+    and distill.ema_warmup=false restores it."""
+    base = ["train.iters_per_epoch=100", "optim.epochs=10", "teacher.momentum_teacher=0.99",
+            "teacher.final_momentum_teacher=0.999"]
+    pretrain = build_schedules(load_config(None, base))
+    base_d = [*base, "train.mode=distill", "distill.teacher_weights=dinov2_vits14"]
+    distill = build_schedules(load_config(None, base_d))
+    plain = build_schedules(load_config(None, [*base_d, "distill.ema_warmup=false"]))
+    for it in (0, 5, 50, 80, 990, 1000, 10**5):
+        assert pretrain.at(it)["momentum"] == plain.at(it)["momentum"]
+        assert distill.at(it)["momentum"] == min(pretrain.at(it)["momentum"], (1 + it) / (10 + it))
+    assert distill.at(0)["momentum"] == pytest.approx(0.1)
+    assert distill.at(80)["momentum"] == pytest.approx(0.9)
+    assert distill.at(10**5)["momentum"] == pytest.approx(0.999, abs=1e-4)  # long runs: the recipe's momentum
+    # what is left of the initial weights after 80 updates: 0.99^80 = 45 % without the cap, < 1 % with it
+    left = lambda s: math.prod(s.at(i)["momentum"] for i in range(80))  # noqa: E731
+    assert left(pretrain) > 0.4 and left(distill) < 0.01

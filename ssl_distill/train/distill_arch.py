@@ -39,6 +39,7 @@ from ssl_distill.hub.resolve import resolve_backbone
 from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ssl_distill.models import backbone_from_config
 from ssl_distill.models.resample import resize_token_grid
+from ssl_distill.models.weight_selection import WeightSelectionError, select_weights, selected_channels
 from ssl_distill.train.arch_base import N_GLOBAL_CROPS, StudentTeacherArch, dino_head
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,8 @@ class DistillMetaArch(StudentTeacherArch):
             for name, center in self.frozen.centers.items():
                 getattr(self, name).center.copy_(center)
             self.koleo_loss = KoLeoLoss()
+        if cfg.distill.student_init != "random" and not cfg.student.pretrained_weights:
+            self._select_from_teacher(backbone, required=cfg.distill.student_init == "teacher_selection")
         if load_pretrained and cfg.student.pretrained_weights:
             from ssl_distill.train.pretrained import load_pretrained_student
 
@@ -135,6 +138,50 @@ class DistillMetaArch(StudentTeacherArch):
                               f"checkpoints); '{self.cfg.distill.teacher_weights}' has a backbone only: set "
                               "distill.recipe=features (or auto).")
         return "heads" if asked == "heads" or (asked == "auto" and has_heads) else "features"
+
+    @torch.no_grad()
+    def _select_from_teacher(self, backbone: nn.Module, required: bool) -> None:
+        """``distill.student_init=teacher_selection`` (or ``auto`` when the student fits): the student backbone
+        starts from a selection of the teacher's weights (:mod:`ssl_distill.models.weight_selection`); the
+        ``features`` recipe's projections start as the inverse selection, so that iteration 0 compares each kept
+        channel with the teacher channel it came from."""
+        try:
+            backbone.load_state_dict(select_weights(self.frozen.backbone, backbone))
+        except WeightSelectionError as exc:
+            if not required:  # auto
+                logger.info("the student starts from random weights (distill.student_init=auto): %s", exc)
+                return
+            raise ConfigError(f"distill.student_init=teacher_selection: {exc}. Set distill.student_init=random, or "
+                              "make the student fit (student.arch / student.depth / student.patch_size / "
+                              "student.ffn_layer / student.layerscale / student.num_register_tokens).") from None
+        chan = selected_channels(self.frozen.backbone.embed_dim, backbone.embed_dim)
+        if "cls_proj" in self.student:  # features recipe: the projections put each channel back where it came from
+            for proj in (self.student.cls_proj, self.student.patch_proj):
+                proj.weight.zero_()
+                proj.weight[chan, torch.arange(backbone.embed_dim)] = 1.0
+                proj.bias.zero_()
+        for name, head in self.frozen.heads.items():  # heads recipe: the teacher's heads on the kept channels
+            self._select_head(self.student[name], head, chan)
+        logger.info("student starts from a weight selection of the teacher (%d -> %d channels, %d -> %d blocks)",
+                    self.frozen.backbone.embed_dim, backbone.embed_dim, self.frozen.backbone.n_blocks,
+                    backbone.n_blocks)
+
+    @staticmethod
+    def _select_head(student_head: nn.Module, teacher_head: nn.Module, chan: Tensor) -> None:
+        """Copy a teacher head into the student's (same hidden / bottleneck / prototype sizes), its input layer
+        restricted to the kept channels; a head of other sizes stays as initialised."""
+        mine, theirs = student_head.state_dict(), teacher_head.state_dict()
+        if mine.keys() != theirs.keys():
+            return
+        selected = {}
+        for key, value in theirs.items():
+            if value.shape != mine[key].shape and value.dim() == 2 and value.shape[1] == chan.max() + 1:
+                value = value[:, chan]
+            if value.shape != mine[key].shape:
+                logger.info("the student's heads start fresh: the teacher's have other sizes (%s)", key)
+                return
+            selected[key] = value
+        student_head.load_state_dict(selected)
 
     def _check_patch_grids(self, cfg: DictConfig, student: nn.Module) -> None:
         pt, ps = self.frozen.backbone.patch_size, student.patch_size

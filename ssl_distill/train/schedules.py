@@ -50,13 +50,27 @@ class CosineSchedule:
 
 
 @dataclass(frozen=True)
+class WarmEMAMomentum:
+    """An EMA momentum schedule capped by ``(1 + it) / (10 + it)`` (the Polyak-average warm-up of TensorFlow's
+    ``ExponentialMovingAverage(num_updates=...)``, also timm's ``ModelEmaV3(use_warmup=True)``): the average forgets
+    the initial weights within tens of iterations instead of ``1 / (1 - m)``. Used for distillation's EMA student,
+    a plain weight average; pretraining's EMA teacher is part of the self-distillation recipe and keeps its
+    schedule."""
+
+    schedule: CosineSchedule
+
+    def __call__(self, it: int) -> float:
+        return min(self.schedule(it), (1.0 + it) / (10.0 + it))
+
+
+@dataclass(frozen=True)
 class Schedules:
     """All per-iteration values the training step needs."""
 
     lr: CosineSchedule
     last_layer_lr: CosineSchedule
     wd: CosineSchedule
-    momentum: CosineSchedule
+    momentum: CosineSchedule | WarmEMAMomentum
     teacher_temp: CosineSchedule
     last_layer_freeze_iters: int
     backbone_freeze_iters: int = 0
@@ -108,11 +122,14 @@ def build_schedules(cfg: DictConfig) -> Schedules:
     total = cfg.optim.epochs * ep
     lr = CosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total, warmup_iters=cfg.optim.warmup_epochs * ep)
     warm_temp = cfg.teacher.warmup_teacher_temp_epochs * ep
+    momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
+    if cfg.train.mode == "distill" and cfg.distill.ema_warmup:
+        momentum = WarmEMAMomentum(momentum)
     return Schedules(
         lr=lr,
         last_layer_lr=lr,
         wd=CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total),
-        momentum=CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total),
+        momentum=momentum,
         teacher_temp=CosineSchedule(
             cfg.teacher.teacher_temp, cfg.teacher.teacher_temp, warm_temp,
             warmup_iters=warm_temp, start_warmup_value=cfg.teacher.warmup_teacher_temp,
