@@ -19,7 +19,7 @@ Both pipelines see **the same batches** (crops and iBOT masks from our loader) a
 (ours, lightly, ours, ...), so a drift in machine load hits both; the wall-clock of each is the sum of its own
 steps (data loading, shared, is reported apart).
 
-    .venv/bin/python benchmarks/learning.py                                    # the comparison (~30 min, 2 cores)
+    .venv/bin/python benchmarks/learning.py                                    # the comparison (~15 min, 2 cores)
     .venv/bin/python benchmarks/learning.py --skip-lightly optim.epochs=5      # ours only, shorter
 
 Extra ``key=value`` arguments override the config. Writes ``benchmarks/results/learning[_TAG].json``.
@@ -105,6 +105,10 @@ def train_both(cfg: Any, out_dir: Path, lightly_recipes: list[str]) -> tuple[Tra
     trainer = Trainer(cfg, out_dir / "ours", resume=False)
     total = trainer.total_iters
     others = {r: LightlyRun(cfg, r, total) for r in lightly_recipes}
+    # batches are made in this process (num_workers 0) and timed apart: with loader workers, the workers refill
+    # their prefetch queue while the first pipeline of each iteration runs and take its cores (2 here), so the
+    # pipeline stepped first would pay for the data loading of all of them
+    cfg.train.num_workers = 0
     loader = iter(build_train_loader(cfg, trainer.dataset, 0, pin_memory=False))
     seconds = {"data": 0.0, "ours": 0.0, **{f"lightly_{r}": 0.0 for r in others}}
     final_loss: dict[str, float] = {}
