@@ -214,6 +214,8 @@ class CropsConfig:
     blur_p: list[float] = opt([1.0, 0.1, 0.5], "probability of Gaussian blur for [global crop 1, global crop 2, "
                               "local crops]; [0, 0, 0] for small clean images (digits), where blur erases the shape")
     solarize_p: float = opt(0.2, "probability of solarisation of global crop 2 (the other crops never)")
+    rotation_degrees: float = opt(0.0, "rotate each crop by a random angle in [-d, d] degrees (corners filled black); "
+                                       "0 = off (the recipe); for images without an upright (cells, aerial)")
 
 
 @dataclass
@@ -450,6 +452,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_pair(cfg, "ibot.mask_ratio_min_max", 0.0, 1.0)
     _check_pair(cfg, "crops.global_crops_scale", 0.0, 1.0)
     _check_pair(cfg, "crops.local_crops_scale", 0.0, 1.0)
+    _check_range(cfg, "crops.rotation_degrees", 0, 180)
     blur = list(cfg.crops.blur_p)
     _require(len(blur) == 3 and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in blur), "crops.blur_p",
              f"expected three probabilities [global crop 1, global crop 2, local crops] in [0, 1], got {blur}.")

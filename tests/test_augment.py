@@ -15,7 +15,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_distill.data import MultiCropAugmentation
-from ssl_distill.data.augment import ColorJitter, GaussianBlur, RandomResizedCrop, ToFloatNormalize, to_rgb_uint8
+from ssl_distill.data.augment import (
+    ColorJitter,
+    GaussianBlur,
+    RandomResizedCrop,
+    RandomRotation,
+    ToFloatNormalize,
+    to_rgb_uint8,
+)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -127,6 +134,8 @@ def test_grayscale_inputs_become_three_equal_channels(photos):
         ({"local_crops_size": -3}, "local_crops_size"),
         ({"local_crops_size": 256}, "local_crops_size"),
         ({"local_crops_number": -1}, "local_crops_number"),
+        ({"rotation_degrees": -5}, "rotation_degrees"),
+        ({"rotation_degrees": 200}, "rotation_degrees"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -441,11 +450,48 @@ def test_config_probabilities_reach_the_training_augmentation(photo_folder):
     cfg = load_config(None, [f"train.dataset_path={photo_folder}", "crops.global_crops_size=32",
                              "crops.local_crops_size=16", "student.patch_size=8", "train.num_workers=0",
                              "crops.horizontal_flip_p=0", "crops.blur_p=[0,0.25,0]", "crops.solarize_p=0",
-                             "crops.color_jitter_p=0.5", "crops.grayscale_p=0"])
+                             "crops.color_jitter_p=0.5", "crops.grayscale_p=0", "crops.rotation_degrees=12.5"])
     aug = build_train_loader(cfg, build_train_dataset(cfg), 0, pin_memory=False).dataset.augmentation
+    assert aug.rotation_degrees == 12.5
+    assert sum(isinstance(step, RandomRotation) for step in steps(aug.local_transfo)) == 1
     assert (aug.flip_p, aug.global1_blur_p, aug.global2_blur_p, aug.local_blur_p) == (0.0, 0.0, 0.25, 0.0)
     assert (aug.global2_solarize_p, aug.color_jitter_p, aug.grayscale_p) == (0.0, 0.5, 0.0)
     with pytest.raises(ConfigError, match="crops.blur_p"):
         load_config(None, ["crops.blur_p=[1.0,0.5]"])
     with pytest.raises(ConfigError, match="crops.solarize_p"):
         load_config(None, ["crops.solarize_p=2"])
+    with pytest.raises(ConfigError, match="crops.rotation_degrees"):
+        load_config(None, ["crops.rotation_degrees=-1"])
+
+
+@pytest.mark.parametrize("angle", [7.0, -30.0, 90.0])
+def test_opencv_rotation_matches_torchvision(photos, angle):
+    """Same angle convention and centre as torchvision: equal away from the filled corners, whose anti-aliased edge
+    is drawn differently; the corners are filled with black as there."""
+    crops = photo_crops(photos, size=64)
+    for inp in (crops[0], crops[1].contiguous()):  # channels-last and planar memory
+        rotate = RandomRotation((angle, angle), interpolation=v2.InterpolationMode.BILINEAR)
+        out = rotate(inp)
+        ref = TF.rotate(inp.contiguous(), angle, interpolation=v2.InterpolationMode.BILINEAR)
+        assert out.shape == inp.shape and out.dtype == torch.uint8
+        assert abs_diff(out, ref)[:, 20:44, 20:44].max() <= 1
+        assert abs_diff(out, ref).float().mean() < 2.0
+        if angle % 90:
+            assert out[:, 0, 0].tolist() == [0, 0, 0]  # a corner rotated in from outside the crop
+
+
+def test_rotation_is_off_by_default_and_drawn_per_crop(photos):
+    assert not any(isinstance(step, RandomRotation) for step in steps(small_aug().local_transfo))
+    plain = MultiCropAugmentation(local_crops_number=2, global_crops_size=32, local_crops_size=16, flip_p=0,
+                                  color_jitter_p=0, grayscale_p=0, global1_blur_p=0, global2_blur_p=0, local_blur_p=0,
+                                  global2_solarize_p=0)
+    rotating = MultiCropAugmentation(local_crops_number=2, global_crops_size=32, local_crops_size=16, flip_p=0,
+                                     color_jitter_p=0, grayscale_p=0, global1_blur_p=0, global2_blur_p=0,
+                                     local_blur_p=0, global2_solarize_p=0, rotation_degrees=20)
+    image = photos[0]
+    torch.manual_seed(0)
+    ref = all_crops(plain(image))
+    torch.manual_seed(0)
+    rotated = all_crops(rotating(image))
+    assert all(a.shape == b.shape for a, b in zip(ref, rotated))
+    assert all(not torch.equal(a, b) for a, b in zip(ref, rotated))

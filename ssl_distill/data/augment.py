@@ -22,6 +22,7 @@ from ssl_distill.data.fast_transforms import (
     ColorJitter,
     GaussianBlur,
     RandomResizedCrop,
+    RandomRotation,
     ToFloatNormalize,
     to_rgb_uint8,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "GaussianBlur",
     "MultiCropAugmentation",
     "RandomResizedCrop",
+    "RandomRotation",
     "ToFloatNormalize",
     "to_rgb_uint8",
 ]
@@ -62,7 +64,8 @@ def _check_size(name: str, size: Any) -> int:
 class MultiCropAugmentation:
     """DINOv2 multi-crop augmentation: 2 global crops + ``local_crops_number`` local crops per image.
 
-    Per crop: ``RandomResizedCrop`` (bicubic, antialias) + horizontal flip (p=0.5); ``ColorJitter(0.4, 0.4, 0.2,
+    Per crop: ``RandomResizedCrop`` (bicubic, antialias) [+ a random rotation by up to ``rotation_degrees``, off by
+    default] + horizontal flip (p=0.5); ``ColorJitter(0.4, 0.4, 0.2,
     0.1)`` with p=0.8; grayscale with p=0.2; Gaussian blur (kernel 9, sigma ~ U(0.1, 2.0)) with probability
     **1.0 for global crop 1, 0.1 for global crop 2 and 0.5 for local crops**; solarisation (threshold 128 on uint8)
     with p=0.2 on global crop 2 only; then ``ToDtype(float32, scale=True)`` and ImageNet normalisation (fused,
@@ -103,6 +106,7 @@ class MultiCropAugmentation:
     local_blur_p: float = 0.5
     global2_solarize_p: float = 0.2
     solarize_threshold: int = 128
+    rotation_degrees: float = 0.0  # 0 = no rotation (the recipe); for images without an upright (cells, aerial)
     PROBABILITIES = ("flip_p", "color_jitter_p", "grayscale_p", "global1_blur_p", "global2_blur_p", "local_blur_p",
                      "global2_solarize_p")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -115,8 +119,13 @@ class MultiCropAugmentation:
         local_crops_number: int = 8,
         global_crops_size: int = 224,
         local_crops_size: int = 96,
+        rotation_degrees: float = 0.0,
         **probabilities: float,
     ) -> None:
+        if not (isinstance(rotation_degrees, numbers.Real) and not isinstance(rotation_degrees, bool)
+                and 0.0 <= rotation_degrees <= 180.0):
+            raise ValueError(f"rotation_degrees must be an angle in [0, 180], got {rotation_degrees!r}.")
+        self.rotation_degrees = float(rotation_degrees)
         for name, p in probabilities.items():  # instance values shadow the class attributes
             if name not in self.PROBABILITIES:
                 raise TypeError(f"unknown augmentation probability {name!r}; valid: {', '.join(self.PROBABILITIES)}")
@@ -144,7 +153,11 @@ class MultiCropAugmentation:
     def _pipeline(self, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float = 0.0) -> v2.Compose:
         """One crop's pipeline: uint8 ``(3, H, W)`` -> float32 normalised ``(3, size, size)``."""
         steps: list[Any] = [
-            RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        ]
+        if self.rotation_degrees > 0:  # after the crop: the rotation's cost does not grow with the source image
+            steps.append(RandomRotation(self.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR))
+        steps += [
             v2.RandomHorizontalFlip(p=self.flip_p),
             v2.RandomApply([ColorJitter(*self.color_jitter)], p=self.color_jitter_p),
             v2.RandomGrayscale(p=self.grayscale_p),
@@ -173,5 +186,5 @@ class MultiCropAugmentation:
             f"local_crops_scale={self.local_crops_scale}, local_crops_number={self.local_crops_number}, "
             f"global_crops_size={self.global_crops_size}, local_crops_size={self.local_crops_size}, "
             f"blur_p=({self.global1_blur_p}, {self.global2_blur_p}, {self.local_blur_p}), "
-            f"solarize_p=(0.0, {self.global2_solarize_p}, 0.0))"
+            f"solarize_p=(0.0, {self.global2_solarize_p}, 0.0), rotation_degrees={self.rotation_degrees})"
         )

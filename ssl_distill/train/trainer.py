@@ -114,7 +114,7 @@ def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: i
     c = cfg.crops
     augmentation = MultiCropAugmentation(
         tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
-        c.global_crops_size, c.local_crops_size, **augmentation_probabilities(cfg),
+        c.global_crops_size, c.local_crops_size, c.rotation_degrees, **augmentation_probabilities(cfg),
     )
     side = c.global_crops_size // cfg.student.patch_size
     collator = TrainingCollator(
