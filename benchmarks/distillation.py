@@ -78,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-overrides", nargs="*", default=[],
                    help="config overrides of the two distillation rows, e.g. optim.base_lr=0.004 or "
                         "distill.student_init=random")
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="key=value overrides for every run (e.g. crops.local_crops_number=4)")
     p.add_argument("--out-dir", default="/tmp/ssl_distill_distillation")
     p.add_argument("--results-dir", default=None)
     args = p.parse_args(argv)
     out = Path(args.out_dir)
     data = write_digits_folders(out / "digits", 120, 50)
-    base = [f"train.dataset_path={data[0]}"]
+    base = [f"train.dataset_path={data[0]}", *args.overrides]
     teacher = out / "teacher"
     teacher_ckpt = lambda: sorted(teacher.glob("model_*.pth"))[-1]  # noqa: E731
     teacher_cfg = str(teacher / "config.yaml")

@@ -111,9 +111,10 @@ class LightlyDINOv2(nn.Module):
         s_global_cls = s_feats[:, 0]
         student_global_cls_out = self.student_head(s_global_cls)
         student_masked_out = self.student_head(s_feats[mask])
-        s_local_cls = self.student_backbone.encode(local_views)[:, 0]
-        student_local_cls_out = self.student_head(s_local_cls)
-        student_cls_out = torch.cat([student_global_cls_out, student_local_cls_out])
+        student_cls_out = student_global_cls_out
+        if n_views > 2:  # a recipe without local crops (crops.local_crops_number=0) has none to encode
+            s_local_cls = self.student_backbone.encode(local_views)[:, 0]
+            student_cls_out = torch.cat([student_global_cls_out, self.student_head(s_local_cls)])
 
         dino = self.dino_criterion(teacher_out=list(teacher_cls_out.chunk(2)),
                                    student_out=list(student_cls_out.chunk(n_views)), teacher_temp=teacher_temp)
