@@ -13,6 +13,9 @@ bank, the 500 held-out digits the queries) on the last block's normalised CLS to
 * ``lightly+timm (example settings)``: the example's own schedule: AdamW lr 1e-3 constant, weight decay 0.04 ->
   0.4 and momentum 0.992 -> 1 (cosine), teacher temperature 0.04 -> 0.07 over the first 60 % of the steps,
   LayerScale 1e-5, KoLeo 0.1, iBOT 1;
+* ``lightly losses + our ViT (same hyper-parameters)`` (``--lightly same_our_vit``, not run by default): the
+  ``same`` row with our backbone (same initial weights as ``ours``) in place of timm's, which tells whether a gap
+  between the first two rows comes from the backbone or from the losses, EMA and optimiser code;
 * ``random init``: our backbone as it starts (same seed); ``raw pixels``: the k-NN on centred pixels.
 
 Both pipelines see **the same batches** (crops and iBOT masks from our loader) and run interleaved in one process
@@ -55,7 +58,9 @@ from ssl_distill.train.trainer import Trainer, build_train_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (10, 20)
-LIGHTLY_RECIPES = ("same", "example")
+LIGHTLY_RECIPES = ("same", "example", "same_our_vit")
+LIGHTLY_LABELS = {"same": "lightly+timm (same hyper-parameters)", "example": "lightly+timm (example settings)",
+                  "same_our_vit": "lightly losses + our ViT (same hyper-parameters)"}
 
 
 def _cosine(start: float, end: float, it: int, total: int) -> float:
@@ -68,14 +73,18 @@ class LightlyRun:
     def __init__(self, cfg: Any, recipe: str, total_iters: int) -> None:
         from lightly_baseline import LightlyDINOv2
 
-        same = recipe == "same"
+        same = recipe in ("same", "same_our_vit")
+        backbone = None
+        if recipe == "same_our_vit":
+            torch.manual_seed(cfg.train.seed)  # the initial weights of ``ours``
+            backbone = backbone_from_config(cfg)
         torch.manual_seed(cfg.train.seed)
         self.model = LightlyDINOv2(
             cfg.student.arch, cfg.student.patch_size, cfg.crops.global_crops_size, cfg.dino.head_n_prototypes,
             cfg.dino.head_hidden_dim, cfg.dino.head_bottleneck_dim, cfg.student.drop_path_rate,
             depth=cfg.student.depth or None, init_values=cfg.student.layerscale if same else 1e-5,
             ibot_weight=cfg.ibot.loss_weight if same else 1.0,
-            koleo_weight=cfg.dino.koleo_loss_weight if same else 0.1,
+            koleo_weight=cfg.dino.koleo_loss_weight if same else 0.1, backbone=backbone,
         )
         self.optimizer = self.model.build_optimizer()
         self.recipe, self.total = recipe, total_iters
@@ -83,7 +92,7 @@ class LightlyRun:
 
     def step(self, batch: dict[str, Any], it: int, ours: dict[str, float]) -> float:
         """One step at iteration ``it``; ``ours`` holds our schedule values at ``it`` (used by ``same``)."""
-        if self.recipe == "same":
+        if self.recipe != "example":
             lr, wd, momentum, temp = ours["lr"], ours["wd"], ours["momentum"], ours["teacher_temp"]
         else:
             lr, wd = 1e-3, _cosine(0.04, 0.4, it, self.total)
@@ -168,9 +177,8 @@ def evaluate(cfg: Any, trainer: Trainer, others: dict[str, LightlyRun], timing: 
     rows.append(row("ours", knn_of(_eval_features(trainer.meta.teacher.backbone), data, size), "ours"))
     rows[-1]["collapse_warning"] = trainer.collapse.warning or ""
     for name, run in others.items():
-        label = "lightly+timm (same hyper-parameters)" if name == "same" else "lightly+timm (example settings)"
         run.model.eval()
-        rows.append(row(label, knn_of(run.teacher_features, data, size), f"lightly_{name}"))
+        rows.append(row(LIGHTLY_LABELS[name], knn_of(run.teacher_features, data, size), f"lightly_{name}"))
     rows.append(row("random init (ours, same seed)", knn_of(_eval_features(random_backbone), data, size)))
     rows.append(row("raw pixels", pixel_knn(data, KS)))
     ours_t = timing["seconds"]["ours"]
@@ -183,7 +191,7 @@ def evaluate(cfg: Any, trainer: Trainer, others: dict[str, LightlyRun], timing: 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "small_data.yaml"), help="our config file")
-    p.add_argument("--lightly", nargs="*", default=list(LIGHTLY_RECIPES), choices=LIGHTLY_RECIPES,
+    p.add_argument("--lightly", nargs="*", default=["same", "example"], choices=LIGHTLY_RECIPES,
                    help="lightly+timm recipes to run next to ours")
     p.add_argument("--skip-lightly", action="store_true", help="train ours only")
     p.add_argument("--work-dir", default=None, help="where the digits and our run go (default: a temp dir)")

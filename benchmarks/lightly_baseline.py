@@ -28,6 +28,23 @@ ARCHS: dict[str, dict[str, int]] = {
 }
 
 
+class OurViTEncoder(nn.Module):
+    """Our :class:`~ssl_distill.models.vit.DinoVisionTransformer` behind the interface of lightly's
+    ``MaskedVisionTransformerTIMM`` that :class:`LightlyDINOv2` uses: ``encode(images, mask)`` -> normalised tokens
+    ``(B, 1 + N, D)`` (``mask`` ``(B, 1 + N)`` with the CLS slot, True = masked) and ``forward(images)`` -> CLS."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+
+    def encode(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        out = self.vit.forward_features(images, None if mask is None else mask[:, 1:])
+        return torch.cat([out["x_norm_clstoken"][:, None], out["x_norm_patchtokens"]], dim=1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit.forward_features(images)["x_norm_clstoken"]
+
+
 def _freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad = False
@@ -44,11 +61,13 @@ class LightlyDINOv2(nn.Module):
         drop_path_rate: uniform stochastic depth of the student.
         init_values: LayerScale init of the timm ViT (the example's 1e-5).
         ibot_weight, koleo_weight: loss weights (the example's 1.0 and 0.1).
+        backbone: one of our ViTs to use instead of timm's (wrapped in :class:`OurViTEncoder`; its own
+            stochastic depth applies), for telling backbone effects from loss-code effects.
     """
 
     def __init__(self, arch: str, patch_size: int, img_size: int, n_prototypes: int, hidden_dim: int,
                  bottleneck_dim: int, drop_path_rate: float, depth: int | None = None, init_values: float = 1e-5,
-                 ibot_weight: float = 1.0, koleo_weight: float = 0.1) -> None:
+                 ibot_weight: float = 1.0, koleo_weight: float = 0.1, backbone: nn.Module | None = None) -> None:
         super().__init__()
         from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
         from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
@@ -58,11 +77,17 @@ class LightlyDINOv2(nn.Module):
         a = dict(ARCHS[arch])
         if depth is not None:
             a["depth"] = depth
+        # built even when ``backbone`` replaces it, so that the heads get the same initial draws either way
         vit = TimmViT(img_size=img_size, patch_size=patch_size, num_classes=0, pos_embed="learn",
                       dynamic_img_size=True, init_values=init_values, **a)
-        self.teacher_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
-        self.student_backbone = copy.deepcopy(self.teacher_backbone)
-        update_drop_path_rate(self.student_backbone.vit, drop_path_rate=drop_path_rate, mode="uniform")
+        if backbone is None:
+            self.teacher_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False,
+                                                                pos_embed_initialization="skip")
+            self.student_backbone = copy.deepcopy(self.teacher_backbone)
+            update_drop_path_rate(self.student_backbone.vit, drop_path_rate=drop_path_rate, mode="uniform")
+        else:
+            self.student_backbone = OurViTEncoder(backbone)
+            self.teacher_backbone = copy.deepcopy(self.student_backbone)
         def head() -> nn.Module:
             return DINOv2ProjectionHead(input_dim=a["embed_dim"], hidden_dim=hidden_dim,
                                         bottleneck_dim=bottleneck_dim, output_dim=n_prototypes)

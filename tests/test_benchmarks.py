@@ -51,11 +51,12 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     assert all(r["iterations"] == 2 and r["train_s"] > 0 for r in learn_rows[:3])
     # the shipped small-data recipes have no local crops: the lightly pipeline must run without them too
     no_locals = _load("learning").main(["--config", tiny, "--out-dir", out, "--threads", "1", "--lightly", "same",
-                                        "--tag", "no_locals", "optim.epochs=1", "train.iters_per_epoch=2",
-                                        "optim.warmup_epochs=0", "train.batch_size_per_gpu=8",
-                                        "crops.local_crops_number=0"])
-    assert [r["pipeline"] for r in no_locals][:2] == ["ours", "lightly+timm (same hyper-parameters)"]
-    assert all(r["iterations"] == 2 and math.isfinite(r["final_loss"]) for r in no_locals[:2])
+                                        "same_our_vit", "--tag", "no_locals", "optim.epochs=1",
+                                        "train.iters_per_epoch=2", "optim.warmup_epochs=0",
+                                        "train.batch_size_per_gpu=8", "crops.local_crops_number=0"])
+    assert [r["pipeline"] for r in no_locals][:3] == ["ours", "lightly+timm (same hyper-parameters)",
+                                                     "lightly losses + our ViT (same hyper-parameters)"]
+    assert all(r["iterations"] == 2 and math.isfinite(r["final_loss"]) for r in no_locals[:3])
     for name in ("train_step_cpu", "data_pipeline", "knn", "learning"):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["rows"]
