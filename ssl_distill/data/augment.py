@@ -53,6 +53,13 @@ def _check_scale(name: str, scale: Any) -> tuple[float, float]:
     return float(scale[0]), float(scale[1])
 
 
+def _check_real(name: str, value: Any, low: float, high: float, kind: str) -> float:
+    """``value`` as a float if it is a real number (not a bool) in ``[low, high]``; else one error naming ``kind``."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and low <= value <= high):
+        raise ValueError(f"{name} must be {kind} in [{low:g}, {high:g}], got {value!r}.")
+    return float(value)
+
+
 def _check_size(name: str, size: Any) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or size < _MIN_CROP_SIZE:
         raise ValueError(
@@ -122,16 +129,11 @@ class MultiCropAugmentation:
         rotation_degrees: float = 0.0,
         **probabilities: float,
     ) -> None:
-        if not (isinstance(rotation_degrees, numbers.Real) and not isinstance(rotation_degrees, bool)
-                and 0.0 <= rotation_degrees <= 180.0):
-            raise ValueError(f"rotation_degrees must be an angle in [0, 180], got {rotation_degrees!r}.")
-        self.rotation_degrees = float(rotation_degrees)
+        self.rotation_degrees = _check_real("rotation_degrees", rotation_degrees, 0.0, 180.0, "an angle")
         for name, p in probabilities.items():  # instance values shadow the class attributes
             if name not in self.PROBABILITIES:
                 raise TypeError(f"unknown augmentation probability {name!r}; valid: {', '.join(self.PROBABILITIES)}")
-            if not (isinstance(p, numbers.Real) and not isinstance(p, bool) and 0.0 <= p <= 1.0):
-                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}.")
-            setattr(self, name, float(p))
+            setattr(self, name, _check_real(name, p, 0.0, 1.0, "a probability"))
         self.global_crops_scale = _check_scale("global_crops_scale", global_crops_scale)
         self.local_crops_scale = _check_scale("local_crops_scale", local_crops_scale)
         if not isinstance(local_crops_number, int) or isinstance(local_crops_number, bool) or local_crops_number < 0:
