@@ -24,6 +24,7 @@ steps (data loading, shared, is reported apart).
 
     .venv/bin/python benchmarks/learning.py                                    # the comparison (~15 min, 2 cores)
     .venv/bin/python benchmarks/learning.py --skip-lightly optim.epochs=5      # ours only, shorter
+    .venv/bin/python benchmarks/learning.py --seeds 0,1,2                      # 3 runs each, mean and spread
 
 Extra ``key=value`` arguments override the config. Writes ``benchmarks/results/learning[_TAG].json``.
 Needs ``pip install -e '.[bench]'``.
@@ -188,6 +189,13 @@ def evaluate(cfg: Any, trainer: Trainer, others: dict[str, LightlyRun], timing: 
     return rows
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "small_data.yaml"), help="our config file")
@@ -198,6 +206,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--seeds", type=_int_list, default=None,
+                   help="comma-separated train.seed values, e.g. 0,1,2 (default: the config's); with several, "
+                        "every pipeline is trained once "
+                        "per seed and the table adds its mean and spread (a 500-iteration run moves by 2-3 points "
+                        "with the seed)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     return p.parse_args(argv)
 
@@ -208,25 +221,54 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    rows, data_time = [], 0.0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         data = write_digits_folders(work / "digits", TRAIN_PER_CLASS, VAL_PER_CLASS)
-        cfg = load_config(args.config, [f"train.dataset_path={data[0]}", "train.checkpoint_period=1000000",
-                                        *args.overrides])
-        torch.manual_seed(cfg.train.seed)  # the Trainer draws the student's initial weights the same way
-        random_backbone = backbone_from_config(cfg)
-        load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-        trainer, others, timing = train_both(cfg, work, [] if args.skip_lightly else args.lightly)
-        rows = evaluate(cfg, trainer, others, timing, data, random_backbone)
-    print_table(rows, ["pipeline", "knn10_top1", "knn20_top1", "iterations", "train_s", "s_per_iteration",
-                       "time_vs_ours"])
-    if rows[0]["collapse_warning"]:
-        print(f"ours: {rows[0]['collapse_warning']}")
+        for seed in args.seeds or [None]:
+            seed_args = [] if seed is None else [f"train.seed={seed}"]
+            cfg = load_config(args.config, [f"train.dataset_path={data[0]}", "train.checkpoint_period=1000000",
+                                            *args.overrides, *seed_args])
+            torch.manual_seed(cfg.train.seed)  # the Trainer draws the student's initial weights the same way
+            random_backbone = backbone_from_config(cfg)
+            run_dir = work if seed is None else work / f"seed{seed}"
+            trainer, others, timing = train_both(cfg, run_dir, [] if args.skip_lightly else args.lightly)
+            seed_rows = evaluate(cfg, trainer, others, timing, data, random_backbone)
+            rows += [{**r, "seed": cfg.train.seed} for r in seed_rows]
+            data_time += timing["seconds"]["data"]
+            if seed_rows[0]["collapse_warning"]:
+                print(f"ours (seed {cfg.train.seed}): {seed_rows[0]['collapse_warning']}")
+    columns = ["pipeline", "seed", "knn10_top1", "knn20_top1", "iterations", "train_s", "s_per_iteration",
+               "time_vs_ours"]
+    print_table(rows, columns)
+    means = mean_rows(rows) if len(args.seeds or []) > 1 else []
+    if means:
+        print_table(means, ["pipeline", "seeds", "knn10_top1", "knn20_top1", "knn20_min", "knn20_max",
+                            "s_per_iteration", "time_vs_ours"])
     name = "learning" + (f"_{args.tag}" if args.tag else "")
     write_json(name, {"args": vars(args), "config": args.config, "overrides": args.overrides,
-                      "load_average_at_start": load, "data_time_s": timing["seconds"]["data"], "rows": rows},
+                      "load_average_at_start": load, "data_time_s": data_time, "rows": rows, "means": means},
                args.out_dir)
-    return rows
+    return means or rows
+
+
+def mean_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per pipeline (in first-seen order): the mean over seeds of its k-NN and timing columns, with the
+    smallest and largest k-NN@20 and the seeds."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_name.setdefault(r["pipeline"], []).append(r)
+    out = []
+    for name, group in by_name.items():
+        m: dict[str, Any] = {"pipeline": name, "seeds": " ".join(str(r["seed"]) for r in group)}
+        for key in ("knn10_top1", "knn20_top1", "train_s", "s_per_iteration", "time_vs_ours"):
+            if key in group[0]:
+                m[key] = sum(r[key] for r in group) / len(group)
+        m["knn20_min"] = min(r["knn20_top1"] for r in group)
+        m["knn20_max"] = max(r["knn20_top1"] for r in group)
+        out.append(m)
+    return out
 
 
 if __name__ == "__main__":

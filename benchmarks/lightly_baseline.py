@@ -3,7 +3,8 @@
 It follows lightly's own DINOv2 example (``examples/pytorch/dinov2.py`` in lightly-ai/lightly): a timm
 ``VisionTransformer`` (learned position embedding, ``dynamic_img_size=True``, LayerScale 1e-5) wrapped in
 lightly's ``MaskedVisionTransformerTIMM``, which re-initialises it the MAE way (Xavier-uniform Linear layers and patch
-embedding, CLS token N(0, 0.02): 1.7-3.6x larger than the truncated normal 0.02 of timm and DINOv2); lightly's
+embedding, CLS token N(0, 0.02): 1.7-3.6x larger than the truncated normal 0.02 of timm and DINOv2; our
+student.weight_init=xavier does the same); lightly's
 ``DINOv2ProjectionHead`` shared by DINO and iBOT (DINOv2's
 default ``ibot.separate_head=False``); lightly's ``DINOLoss``, ``IBOTPatchLoss`` and ``KoLeoLoss`` (weight 0.1,
 per global crop); ``update_momentum`` for the EMA teacher; ``torch.optim.AdamW`` with decay / no-decay groups.

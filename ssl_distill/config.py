@@ -29,6 +29,7 @@ from ssl_distill.fileio import atomic_write_text
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
+WEIGHT_INITS = ("trunc_normal", "xavier")  # ssl_distill.models.vit.WEIGHT_INITS (config stays import-light)
 CENTERINGS = ("centering", "sinkhorn_knopp")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -138,6 +139,9 @@ class StudentConfig:
     drop_path_rate: float = opt(0.3, "stochastic-depth rate of the student (the teacher has none); about 0.1 suits "
                                 "small models")
     layerscale: float = opt(1.0e-05, "initial LayerScale of the residual branches; 0 = no LayerScale")
+    weight_init: str = opt("trunc_normal", f"initial weights: {', '.join(WEIGHT_INITS)}; trunc_normal is DINOv2's "
+                           "(std 0.02), xavier MAE's and lightly's (2-4x larger; learns faster in short runs on "
+                           "small data, README 'Small data'); pretrained weights replace either")
     drop_path_uniform: bool = opt(True, "the same drop rate in every block; false: rising linearly from 0 to "
                                   "drop_path_rate")
     pretrained_weights: str = opt("", "start the student (and its EMA teacher) from these weights: a zoo name "
@@ -398,6 +402,7 @@ def validate_architecture(cfg: DictConfig) -> None:
     _check_choice(cfg, "student.arch", ARCHS)
     _check_choice(cfg, "student.ffn_layer", FFN_LAYERS)
     _check_choice(cfg, "student.attn_impl", ATTN_IMPLS)
+    _check_choice(cfg, "student.weight_init", WEIGHT_INITS)
     _check_range(cfg, "student.patch_size", 1)
     _check_range(cfg, "student.num_register_tokens", 0)
     _check_range(cfg, "student.layerscale", 0)

@@ -127,7 +127,9 @@ def run_demo(args: argparse.Namespace) -> int:
     summary = train(cfg, run_dir)
     size = cfg.crops.global_crops_size
     rows = [
-        _knn_row("random init", "random", config_file, data, size),
+        # both from the run's own config, overrides included: the random network has the run's architecture, init
+        # (student.weight_init) and seed (train.seed)
+        _knn_row("random init", "random", str(run_dir / "config.yaml"), data, size),
         _knn_row("pretrained teacher", str(summary["teacher_backbone"]), str(run_dir / "config.yaml"), data, size),
         {"backbone": "raw pixels (reference)", **{f"k={k} top-1 (%)": round(v, 2) for k, v in pixel_knn(data).items()}},
     ]

@@ -51,12 +51,19 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     assert all(r["iterations"] == 2 and r["train_s"] > 0 for r in learn_rows[:3])
     # the shipped small-data recipes have no local crops: the lightly pipeline must run without them too
     no_locals = _load("learning").main(["--config", tiny, "--out-dir", out, "--threads", "1", "--lightly", "same",
-                                        "same_our_vit", "--tag", "no_locals", "optim.epochs=1",
-                                        "train.iters_per_epoch=2", "optim.warmup_epochs=0",
+                                        "same_our_vit", "--tag", "no_locals", "--seeds", "0,1",
+                                        "optim.epochs=1", "train.iters_per_epoch=2", "optim.warmup_epochs=0",
                                         "train.batch_size_per_gpu=8", "crops.local_crops_number=0"])
     assert [r["pipeline"] for r in no_locals][:3] == ["ours", "lightly+timm (same hyper-parameters)",
                                                      "lightly losses + our ViT (same hyper-parameters)"]
-    assert all(r["iterations"] == 2 and math.isfinite(r["final_loss"]) for r in no_locals[:3])
+    per_seed = json.loads((tmp_path / "learning_no_locals.json").read_text())["rows"]
+    assert [r["seed"] for r in per_seed] == [0] * 5 + [1] * 5  # --seeds: every pipeline once per seed ...
+    assert all(r["iterations"] == 2 and math.isfinite(r["final_loss"]) for r in per_seed[:3] + per_seed[5:8])
+    assert per_seed[0]["final_loss"] != per_seed[5]["final_loss"]  # (another seed, another run)
+    for mean, a, b in zip(no_locals, per_seed[:5], per_seed[5:]):  # ... and the mean row of each
+        assert mean["seeds"] == "0 1" and mean["pipeline"] == a["pipeline"] == b["pipeline"]
+        assert mean["knn20_top1"] == pytest.approx((a["knn20_top1"] + b["knn20_top1"]) / 2)
+        assert mean["knn20_min"] == min(a["knn20_top1"], b["knn20_top1"])
     for name in ("train_step_cpu", "data_pipeline", "knn", "learning"):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["rows"]

@@ -336,3 +336,45 @@ def test_last_self_attention_weights() -> None:
     w = m.get_last_self_attention(torch.randn(2, 3, 32, 32))
     assert w.shape == (2, 4, 18, 18)
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 4, 18))
+
+
+def _linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_xavier_init_is_maes_and_the_default_stays_dinov2s() -> None:
+    torch.manual_seed(0)
+    ref = vit_small(patch_size=8, img_size=32, depth=2, init_values=1.0)
+    xav = vit_small(patch_size=8, img_size=32, depth=2, init_values=1.0, weight_init="xavier")
+    for name, m in _linears(ref):  # DINOv2 / timm: trunc-normal 0.02, zero bias
+        assert abs(m.weight.std().item() - 0.02) < 0.001, name
+        assert not m.bias.any(), name
+    assert ref.cls_token.abs().max() < 1e-4
+    for name, m in [*_linears(xav), ("patch_embed", xav.patch_embed.proj)]:  # Xavier-uniform on (out, in)
+        w = m.weight.reshape(m.weight.shape[0], -1)
+        bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
+        assert w.abs().max() <= bound, name
+        assert abs(w.std().item() - bound / 3**0.5) < 0.03 * bound, name  # uniform(-b, b) has std b / sqrt(3)
+        assert name == "patch_embed" or not m.bias.any(), name  # the conv keeps PyTorch's bias init (as MAE's)
+    assert 0.015 < xav.cls_token.std().item() < 0.025
+    assert not xav.mask_token.any()
+    for a, b in zip(ref.modules(), xav.modules()):
+        if isinstance(a, torch.nn.LayerNorm):
+            assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    with pytest.raises(ValueError, match="unknown weight_init 'kaiming'; choose one of trunc_normal, xavier"):
+        vit_tiny(weight_init="kaiming")
+
+
+def test_student_weight_init_reaches_the_backbone_and_is_checked() -> None:
+    from ssl_distill.config import ConfigError, load_config
+    from ssl_distill.models import backbone_from_config
+    from ssl_distill.models.vit import WEIGHT_INITS
+
+    cfg = load_config(None, ["student.arch=vit_tiny", "student.depth=1", "student.patch_size=8",
+                             "crops.global_crops_size=32", "crops.local_crops_size=16", "student.weight_init=xavier"])
+    qkv = backbone_from_config(cfg).blocks[0].attn.qkv.weight
+    assert abs(qkv.std().item() - (6 / (192 + 576)) ** 0.5 / 3**0.5) < 0.002
+    with pytest.raises(ConfigError, match="student.weight_init"):
+        load_config(None, ["student.weight_init=he"])
+    from ssl_distill import config
+    assert config.WEIGHT_INITS == WEIGHT_INITS

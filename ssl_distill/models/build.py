@@ -30,7 +30,7 @@ def backbone_kwargs(cfg: Any, stochastic_depth: bool = False) -> dict[str, Any]:
         patch_size=s.patch_size, img_size=cfg.crops.global_crops_size, init_values=s.layerscale or None,
         ffn_layer=s.ffn_layer, qkv_bias=s.qkv_bias, proj_bias=s.proj_bias, ffn_bias=s.ffn_bias,
         num_register_tokens=s.num_register_tokens, interpolate_antialias=s.interpolate_antialias,
-        interpolate_offset=s.interpolate_offset, attn_impl=s.attn_impl,
+        interpolate_offset=s.interpolate_offset, attn_impl=s.attn_impl, weight_init=s.weight_init,
     )
     if s.depth:
         kwargs["depth"] = s.depth

@@ -23,10 +23,21 @@ FeatureDict = dict[str, Any]
 _TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
+WEIGHT_INITS = ("trunc_normal", "xavier")
+
+
 def _init_weights_vit_timm(module: nn.Module) -> None:
     """timm ViT init: Linear weights trunc-normal std 0.02, zero biases."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _init_weights_xavier(module: nn.Module) -> None:
+    """MAE init: Linear weights Xavier-uniform, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -61,10 +72,13 @@ class VisionTransformer(nn.Module):
         attn_impl: str = "auto",
         packed: bool = True,
         grad_checkpointing: bool = False,
+        weight_init: str = "trunc_normal",
     ) -> None:
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {', '.join(FFN_LAYERS)}")
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"unknown weight_init {weight_init!r}; choose one of {', '.join(WEIGHT_INITS)}")
         check_attn_impl(attn_impl)
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
@@ -99,17 +113,27 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
-        self.init_weights()
+        self.init_weights(weight_init)
 
-    def init_weights(self) -> None:
-        """Reference init: pos_embed trunc-normal(0.02), cls/register tokens normal(1e-6), mask token 0, Linear
-        trunc-normal(0.02) with zero bias; LayerScale gammas keep ``init_values``."""
+    def init_weights(self, mode: str = "trunc_normal") -> None:
+        """Initial weights. ``trunc_normal`` (DINOv2 and timm, the reference): pos_embed trunc-normal(0.02),
+        cls/register tokens normal(1e-6), mask token 0, Linear trunc-normal(0.02) with zero bias, the patch
+        embedding PyTorch's conv default. ``xavier`` (MAE, He et al. 2022, and lightly's
+        ``MaskedVisionTransformerTIMM``): Linear layers and the patch embedding (as the Linear it is)
+        Xavier-uniform, the CLS token normal(0.02), the rest as ``trunc_normal``; its residual branches start
+        2-4x stronger, which a short run on small data learns from faster (README "Small data"). LayerScale
+        gammas keep ``init_values`` either way."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02 if mode == "xavier" else 1e-6)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
-        self.apply(_init_weights_vit_timm)
+        if mode == "xavier":
+            w = self.patch_embed.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            self.apply(_init_weights_xavier)
+        else:
+            self.apply(_init_weights_vit_timm)
 
     def set_attn_impl(self, name: str) -> None:
         """Switch the attention kernel of every block (``"auto"``, ``"sdpa"``, ``"xformers"``, ``"math"``)."""
