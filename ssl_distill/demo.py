@@ -126,11 +126,12 @@ def run_demo(args: argparse.Namespace) -> int:
           f"{cfg.optim.epochs * cfg.train.iters_per_epoch} iterations on {data[0]} (CPU: a few minutes) ...")
     summary = train(cfg, run_dir)
     size = cfg.crops.global_crops_size
+    # both rows from the run's own config, overrides included: the random network has the run's architecture, init
+    # (student.weight_init) and seed (train.seed)
+    run_config = str(run_dir / "config.yaml")
     rows = [
-        # both from the run's own config, overrides included: the random network has the run's architecture, init
-        # (student.weight_init) and seed (train.seed)
-        _knn_row("random init", "random", str(run_dir / "config.yaml"), data, size),
-        _knn_row("pretrained teacher", str(summary["teacher_backbone"]), str(run_dir / "config.yaml"), data, size),
+        _knn_row("random init", "random", run_config, data, size),
+        _knn_row("pretrained teacher", str(summary["teacher_backbone"]), run_config, data, size),
         {"backbone": "raw pixels (reference)", **{f"k={k} top-1 (%)": round(v, 2) for k, v in pixel_knn(data).items()}},
     ]
     curve = _plot_losses(output_dir, run_dir)

@@ -7,7 +7,8 @@ register tokens (Darcet et al., 2024), LayerScale, bicubic position-embedding in
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -23,23 +24,21 @@ FeatureDict = dict[str, Any]
 _TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
-WEIGHT_INITS = ("trunc_normal", "xavier")
+# Linear-weight init per ``weight_init`` mode: timm / DINOv2 (trunc-normal 0.02) and MAE (Xavier-uniform)
+_LINEAR_WEIGHT_INITS: dict[str, Callable[[Tensor], Any]] = {
+    "trunc_normal": partial(nn.init.trunc_normal_, std=0.02),
+    "xavier": nn.init.xavier_uniform_,
+}
+WEIGHT_INITS = tuple(_LINEAR_WEIGHT_INITS)
 
 
-def _init_weights_vit_timm(module: nn.Module) -> None:
-    """timm ViT init: Linear weights trunc-normal std 0.02, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def _init_weights_xavier(module: nn.Module) -> None:
-    """MAE init: Linear weights Xavier-uniform, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+def _init_linears(model: nn.Module, weight_init: Callable[[Tensor], Any]) -> None:
+    """Every Linear of ``model``: ``weight_init`` on the weight, zero bias."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weight_init(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 class VisionTransformer(nn.Module):
@@ -77,8 +76,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {', '.join(FFN_LAYERS)}")
-        if weight_init not in WEIGHT_INITS:
-            raise ValueError(f"unknown weight_init {weight_init!r}; choose one of {', '.join(WEIGHT_INITS)}")
         check_attn_impl(attn_impl)
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
@@ -123,6 +120,8 @@ class VisionTransformer(nn.Module):
         Xavier-uniform, the CLS token normal(0.02), the rest as ``trunc_normal``; its residual branches start
         2-4x stronger, which a short run on small data learns from faster (README "Small data"). LayerScale
         gammas keep ``init_values`` either way."""
+        if mode not in WEIGHT_INITS:
+            raise ValueError(f"unknown weight_init {mode!r}; choose one of {', '.join(WEIGHT_INITS)}")
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=0.02 if mode == "xavier" else 1e-6)
         if self.register_tokens is not None:
@@ -131,9 +130,7 @@ class VisionTransformer(nn.Module):
         if mode == "xavier":
             w = self.patch_embed.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-            self.apply(_init_weights_xavier)
-        else:
-            self.apply(_init_weights_vit_timm)
+        _init_linears(self, _LINEAR_WEIGHT_INITS[mode])
 
     def set_attn_impl(self, name: str) -> None:
         """Switch the attention kernel of every block (``"auto"``, ``"sdpa"``, ``"xformers"``, ``"math"``)."""
