@@ -29,6 +29,7 @@ from ssl_distill.fileio import atomic_write_text
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
 FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
 ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
+DROP_PATH_MODES = ("auto", "subset", "mask")
 WEIGHT_INITS = ("trunc_normal", "xavier")  # ssl_distill.models.vit.WEIGHT_INITS (config stays import-light)
 CENTERINGS = ("centering", "sinkhorn_knopp")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
@@ -144,6 +145,9 @@ class StudentConfig:
                            "small data, README 'Small data'); pretrained weights replace either")
     drop_path_uniform: bool = opt(True, "the same drop rate in every block; false: rising linearly from 0 to "
                                   "drop_path_rate")
+    drop_path_mode: str = opt("auto", f"how a dropped branch is skipped: {', '.join(DROP_PATH_MODES)}; subset runs "
+                              "it on the kept samples only, mask on all of them times 0 or B/K (the same numbers); "
+                              "auto: subset on CPU, and on CUDA above rate 0.1")
     pretrained_weights: str = opt("", "start the student (and its EMA teacher) from these weights: a zoo name "
                                       "(dinov2_vits14), a URL, an official/timm/HF file, an exported backbone or a "
                                       "training checkpoint; the student.* architecture must match them")
@@ -402,6 +406,7 @@ def validate_architecture(cfg: DictConfig) -> None:
     _check_choice(cfg, "student.arch", ARCHS)
     _check_choice(cfg, "student.ffn_layer", FFN_LAYERS)
     _check_choice(cfg, "student.attn_impl", ATTN_IMPLS)
+    _check_choice(cfg, "student.drop_path_mode", DROP_PATH_MODES)
     _check_choice(cfg, "student.weight_init", WEIGHT_INITS)
     _check_range(cfg, "student.patch_size", 1)
     _check_range(cfg, "student.num_register_tokens", 0)

@@ -35,7 +35,8 @@ def backbone_kwargs(cfg: Any, stochastic_depth: bool = False) -> dict[str, Any]:
     if s.depth:
         kwargs["depth"] = s.depth
     if stochastic_depth:
-        kwargs.update(drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform)
+        kwargs.update(drop_path_rate=s.drop_path_rate, drop_path_uniform=s.drop_path_uniform,
+                      drop_path_mode=s.drop_path_mode)
     return kwargs
 
 

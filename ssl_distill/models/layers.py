@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ssl_distill.config import FFN_LAYERS  # the one list of allowed values
 from ssl_distill.models.attention import Attention, scaled_linear
 from ssl_distill.models.packing import Layout, concat_keys, pack_tokens, unpack_tokens
-from ssl_distill.models.stochastic_depth import DropPath, is_dropping, row_samples
+from ssl_distill.models.stochastic_depth import DropPath, DropPlan, is_dropping
 
 
 class LayerScale(nn.Module):
@@ -131,7 +131,8 @@ class Block(nn.Module):
 
     Tokens ``(B, N, D)`` -> ``(B, N, D)``. ``init_values`` None or 0 disables LayerScale (``ls1``/``ls2`` are
     Identity, so there are no ``gamma`` parameters). LayerNorm eps is 1e-6 as in DINOv2. ``index`` (the block's
-    depth) selects the stream of its stochastic-depth draws (:mod:`~ssl_distill.models.stochastic_depth`).
+    depth) selects the stream of its stochastic-depth draws and ``drop_path_mode`` how a dropped branch is skipped
+    (:mod:`~ssl_distill.models.stochastic_depth`).
     """
 
     def __init__(
@@ -147,8 +148,10 @@ class Block(nn.Module):
         ffn_layer: str = "mlp",
         attn_impl: str = "auto",
         index: int = 0,
+        drop_path_mode: str = "auto",
     ) -> None:
         super().__init__()
+        self.drop_path_mode = drop_path_mode  # see DropPlan: how dropped branches are skipped
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, impl=attn_impl)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -160,7 +163,7 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor | list[Tensor], layout: Layout | None = None, rows: Tensor | None = None,
-        keys: Tensor | list[Tensor | None] | None = None,
+        keys: Tensor | list[Tensor | None] | None = None, plan: DropPlan | None = None,
     ) -> Tensor | list[Tensor]:
         """``(B, N, D)`` tokens, or a list of token batches of different resolutions (same shapes back), or
         packed tokens ``(T, D)`` with their ``layout`` ``[(B_i, N_i)]`` (see :func:`pack_tokens`).
@@ -169,23 +172,38 @@ class Block(nn.Module):
         block whose other outputs nobody reads. All tokens still feed the attention as keys and values; the
         attention projection, both residuals, ``norm2`` and the MLP run on the selected rows alone.
 
-        ``keys``: the samples' stochastic-depth keys, int64 ``(samples,)`` in batch (or layout) order, one tensor
-        per batch for list input (:func:`~ssl_distill.models.stochastic_depth.sample_keys`); None draws from
-        torch's generator.
+        Stochastic depth: ``plan``, the forward pass's draws for every block
+        (:class:`~ssl_distill.models.stochastic_depth.DropPlan`, made once by the ViT); or ``keys``, the samples'
+        keys, int64 ``(samples,)`` in batch (or layout) order, one tensor per batch for list input
+        (:func:`~ssl_distill.models.stochastic_depth.sample_keys`), from which this block draws alone; neither draws
+        from torch's generator.
 
         Lists and packed tokens go through this one entry point (not a side method) so wrappers that hook
         ``__call__``, such as FSDP2's unshard/reshard, see every use of the block.
         """
+        if keys is not None and plan is not None:
+            raise ValueError("pass the stochastic-depth plan or the keys, not both (the plan holds the draws)")
         if isinstance(x, (list, tuple)):
-            return self.forward_list(list(x), keys)
+            return self.forward_list(list(x), keys, plan)
         if isinstance(keys, (list, tuple)):
             raise TypeError("a list of keys needs a list of token batches; pass one (samples,) tensor")
+        if rows is not None and layout is None:
+            raise ValueError("rows= needs packed tokens and their layout")
+        plan = self._plan(x, layout, keys, plan)
         if rows is not None:
-            if layout is None:
-                raise ValueError("rows= needs packed tokens and their layout")
-            return self._forward_rows(x, layout, rows, keys)
-        x = self._residual(x, self._attn_branch, self.drop_path1, layout, keys)
-        return self._residual(x, self._ffn_branch, self.drop_path2, layout, keys)
+            return self._forward_rows(x, layout, rows, plan)
+        x = self._residual(x, self._attn_branch, self.drop_path1, layout, plan)
+        return self._residual(x, self._ffn_branch, self.drop_path2, layout, plan)
+
+    def _plan(self, x: Tensor, layout: Layout | None, keys: Tensor | None, plan: DropPlan | None) -> DropPlan | None:
+        """The draws of this call, for the rows of ``x`` (``layout``, or one row per sample: ``[(B, 1)]``)."""
+        drops = [d for d in (self.drop_path1, self.drop_path2) if is_dropping(d)]
+        if not drops:
+            return None
+        rows_layout = layout if layout is not None else [(x.shape[0], 1)]
+        if plan is None:
+            plan = DropPlan({d.stream: d.drop_prob for d in drops}, rows_layout, keys, x.device, self.drop_path_mode)
+        return plan.for_layout(rows_layout)
 
     def _attn_branch(self, x: Tensor, layout: Layout | None) -> Tensor:
         """``ls1(attn(norm1(x)))``, LayerScale folded into ``proj``; packed tokens attend per resolution."""
@@ -196,33 +214,30 @@ class Block(nn.Module):
         return self.mlp(self.norm2(x), out_scale=self._gamma(self.ls2))
 
     def _residual(self, x: Tensor, branch: Any, drop: nn.Module, layout: Layout | None,
-                  keys: Tensor | None) -> Tensor:
-        """``x + drop_path(branch(x))`` where the branch only runs on the samples that keep it
-        (:meth:`DropPath.subset`): with drop rate ``p`` it skips a fraction ``p`` of the branch's work, forward
-        and backward, instead of computing everything and multiplying part of it by zero."""
+                  plan: DropPlan | None) -> Tensor:
+        """``x + drop_path(branch(x))``. Mode ``"subset"``: the branch runs on the samples that keep it only (with
+        drop rate ``p`` it skips a fraction ``p`` of the branch's work, forward and backward); ``"mask"``: on every
+        sample, times a per-sample scale that is 0 for the dropped ones (see :class:`DropPlan`)."""
         if not is_dropping(drop):
             return x + branch(x, layout)
-        kept = drop.subset(x, layout, keys)
-        return kept.add(x, branch(kept.gather(x), kept.layout))
+        s = drop.stream
+        if plan.mode(s) == "mask":
+            return plan.add_masked(s, x, branch(x, layout))
+        return plan.add(s, x, branch(plan.gather(s, x), plan.sub_layouts[s] if layout is not None else None))
 
-    def _forward_rows(self, x: Tensor, layout: Layout, rows: Tensor, keys: Tensor | None) -> Tensor:
-        """See :meth:`forward` (``rows``). Stochastic depth multiplies each row's branch by its sample's mask."""
-        samples = row_samples(layout, rows) if is_dropping(self.drop_path1) or is_dropping(self.drop_path2) else None
+    def _forward_rows(self, x: Tensor, layout: Layout, rows: Tensor, plan: DropPlan | None) -> Tensor:
+        """See :meth:`forward` (``rows``). Stochastic depth multiplies each row's branch by its sample's scale."""
         h = self.attn(self.norm1(x), layout=layout, out_scale=self._gamma(self.ls1), rows=rows)
-        x = x.index_select(0, rows) + self._row_drop(self.drop_path1, h, layout, samples, keys)
-        return x + self._row_drop(self.drop_path2, self._ffn_branch(x, None), layout, samples, keys)
+        x = x.index_select(0, rows) + self._row_drop(self.drop_path1, h, plan, rows)
+        return x + self._row_drop(self.drop_path2, self._ffn_branch(x, None), plan, rows)
 
     @staticmethod
-    def _row_drop(drop: nn.Module, h: Tensor, layout: Layout, samples: Tensor | None, keys: Tensor | None) -> Tensor:
-        """``drop_path`` for a branch output ``h`` of packed token rows whose samples are ``samples``
-        (:func:`row_samples`): whole samples keep or drop, with the draws of :meth:`DropPath.subset`."""
+    def _row_drop(drop: nn.Module, h: Tensor, plan: DropPlan | None, rows: Tensor) -> Tensor:
+        """``drop_path`` for a branch output ``h`` of the packed token ``rows``: whole samples keep or drop, with
+        the plan's draws."""
         if not is_dropping(drop):
             return h
-        keep = 1.0 - drop.drop_prob
-        n_samples = sum(b for b, _ in layout)
-        mask = drop.keep_mask(n_samples, keys)
-        scale = mask.to(h.dtype) / keep if keep > 0.0 else torch.zeros(n_samples)
-        return h * scale.to(h.device, h.dtype)[samples].unsqueeze(-1)
+        return h * plan.row_scale(drop.stream, rows).to(h.dtype).unsqueeze(-1)
 
     @staticmethod
     def _gamma(ls: nn.Module) -> Tensor | None:
@@ -230,15 +245,16 @@ class Block(nn.Module):
         parameters and the state-dict keys; folding saves two token-sized multiplies per residual branch)."""
         return ls.gamma if isinstance(ls, LayerScale) else None
 
-    def forward_list(self, xs: list[Tensor], keys: list[Tensor | None] | None = None) -> list[Tensor]:
+    def forward_list(self, xs: list[Tensor], keys: list[Tensor | None] | None = None,
+                     plan: DropPlan | None = None) -> list[Tensor]:
         """Run the block over crops of different resolutions: ``[(B_i, N_i, D)]`` -> same shapes (``keys``: one
-        entry per batch, see :meth:`forward`).
+        entry per batch, or the forward pass's ``plan``; see :meth:`forward`).
 
         Several batches are packed (:func:`pack_tokens`) for one pass; attention stays per resolution.
         Call the block itself (``block(xs)``), not this method, from outside.
         """
         keys = concat_keys(keys, len(xs))
         if len(xs) == 1:
-            return [self.forward(xs[0], keys=keys)]
+            return [self.forward(xs[0], keys=keys, plan=plan)]
         packed, layout = pack_tokens(xs)
-        return unpack_tokens(self.forward(packed, layout, keys=keys), layout)
+        return unpack_tokens(self.forward(packed, layout, keys=keys, plan=plan), layout)

@@ -1,28 +1,47 @@
-"""Stochastic depth (Huang et al., 2016) whose draws are a function of the sample, not of an RNG state.
+"""Stochastic depth (Huang et al., 2016) with static shapes and draws that are a function of the samples.
 
 Each sample of a training batch carries a 63-bit *key* (:func:`sample_keys`: a hash of the run's seed, the
-sample's global position in the data stream and its crop index). Whether that sample keeps the residual branch of
-block ``i`` is decided by a hash of ``(key, stream)`` with ``stream = 2 * i + branch`` (:func:`uniform_from_keys`),
-so the draws are the same on any number of ranks, in any DataLoader worker layout, after a resume from a checkpoint
-and when activation checkpointing recomputes a block — without saving any RNG state. Without keys (a model used
-outside the trainer) the draws come from torch's global generator, as in timm.
+sample's global position in the data stream and its crop index). Block ``i``'s branch ``b`` draws one uniform per
+sample from a hash of ``(key, stream)`` with ``stream = 2 * i + b`` (:func:`uniform_from_keys`), and in every batch
+of the (packed) layout the ``K = max(1, floor(B * (1 - p)))`` samples with the smallest draws keep the branch,
+which is added back with weight ``B / K`` (the DINOv2 reference's fixed-size random subset and its scale; unbiased).
+So:
 
-:class:`DropPath` decides which samples keep their branch (:meth:`DropPath.subset`); :class:`KeptSamples` gathers
-those samples' tokens so the branch runs on them only and adds its output back. Calling the module
-(:meth:`DropPath.forward`) multiplies a computed branch by the keep mask instead (the timm-style call; the
-same draws).
+* **shapes are static**: a batch of ``B`` samples always runs each branch on ``K`` of them, so a GPU sees the same
+  kernel shapes every step (a fresh binomial count per block and step made cuDNN plan new attention shapes and
+  cost 4x on a ViT-S/14 step);
+* **the draws need no saved RNG state**: they are a function of the batch's keys, so a resume from a checkpoint,
+  any DataLoader worker layout and activation checkpointing's recomputation replay them exactly. They depend on
+  which samples share a rank's batch: on another world size the same sample may keep a branch it dropped before
+  (README "Reproducibility");
+* **everything is decided once per forward pass** (:class:`DropPlan`), on the CPU, and reaches the device in one
+  pinned, non-blocking copy: no host-device synchronisation and no per-block host work on the GPU.
+
+Without keys (a model used outside the trainer) the uniforms come from torch's global generator, as in timm.
+
+Two ways to run a branch, the same numbers up to float rounding (``student.drop_path_mode``):
+``"subset"`` gathers the kept samples, runs the branch on them only and adds it back with ``index_add`` (a fraction
+``p`` of the branch's work saved, forward and backward); ``"mask"`` runs the branch on every sample and adds it
+times a per-sample scale that is 0 for the dropped ones (no gather or scatter). ``"auto"``
+(:func:`resolve_drop_path_mode`) picks per device and rate.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
+from ssl_distill.config import DROP_PATH_MODES  # the one list of allowed values
 from ssl_distill.models.packing import Layout
 
 _M32 = 0xFFFFFFFF
+# Below this rate a GPU runs the whole branch and multiplies (the gather/scatter costs more than the p of work it
+# saves); the DINOv2 reference switches at the same rate. benchmarks/drop_path.py measures both modes per device.
+CUDA_SUBSET_MIN_RATE = 0.1
 
 
 def _fmix32(h: Tensor) -> Tensor:
@@ -35,10 +54,12 @@ def _fmix32(h: Tensor) -> Tensor:
     return h ^ (h >> 16)
 
 
-def _mix(key: Tensor, salt: int) -> Tensor:
-    """A 32-bit hash of the 63-bit ``key`` (int64 ``(S,)``) and a small integer ``salt``."""
+def _mix(key: Tensor, salt: int | Tensor) -> Tensor:
+    """A 32-bit hash of the 63-bit ``key`` (int64 ``(S,)``) and a small integer ``salt``: ``(S,)``; or of every
+    salt of an int64 ``(n, 1)`` tensor: ``(n, S)``."""
     lo, hi = key & _M32, (key >> 32) & _M32
-    h = _fmix32(lo ^ _fmix32(torch.full_like(key, salt & _M32)))
+    salt = torch.full_like(key, salt & _M32) if isinstance(salt, int) else salt & _M32
+    h = _fmix32(lo ^ _fmix32(salt))
     return _fmix32(h ^ hi)
 
 
@@ -46,26 +67,225 @@ def sample_keys(seed: int, positions: Tensor, crops: Sequence[int]) -> Tensor:
     """Keys of the crops of a batch, crop-major as the collated crops: row ``c * B + b`` is crop ``crops[c]`` of the
     sample at global stream position ``positions[b]``. ``positions`` long ``(B,)`` -> int64 ``(len(crops) * B,)``."""
     positions = positions.to("cpu", torch.int64)
+    crops = [int(c) for c in crops]
+    if not crops:
+        return torch.empty(0, dtype=torch.int64)
     seed_h = _mix(torch.tensor([int(seed) & (2**63 - 1)]), 0x5D)
-    rows = []
-    for c in crops:
-        h = _mix(positions, int(c)) ^ seed_h  # 32 bits from (position, crop, seed) ...
-        rows.append((h << 31) ^ (positions & 0x7FFFFFFF))  # ... plus the position's low bits: distinct keys
-    return torch.cat(rows) if rows else torch.empty(0, dtype=torch.int64)
+    h = _mix(positions, torch.tensor(crops, dtype=torch.int64).view(-1, 1)) ^ seed_h  # 32 bits from (pos, crop, seed)
+    return ((h << 31) ^ (positions & 0x7FFFFFFF)).flatten()  # ... plus the position's low bits: distinct keys
 
 
-def uniform_from_keys(keys: Tensor, stream: int) -> Tensor:
-    """One uniform draw in ``[0, 1)`` per key for ``stream``: float64 ``(S,)``."""
-    return _mix(keys.to("cpu", torch.int64), stream).double() / 2.0**32
+def uniform_from_keys(keys: Tensor, stream: int | Sequence[int]) -> Tensor:
+    """One uniform draw in ``[0, 1)`` per key for ``stream``: float64 ``(S,)``; for a list of streams, one row per
+    stream, ``(n, S)``, computed at once (the same values)."""
+    salt = stream if isinstance(stream, int) else torch.tensor(list(stream), dtype=torch.int64).view(-1, 1)
+    return _mix(keys.to("cpu", torch.int64), salt).double() / 2.0**32
+
+
+def kept_count(n_samples: int, drop_prob: float) -> int:
+    """How many of ``n_samples`` keep a branch dropped with probability ``drop_prob``: ``floor(n * (1 - p))``, at
+    least 1 (the reference's ``max(int(b * (1 - p)), 1)``; the ``1e-9`` absorbs float error such as
+    ``10 * (1 - 0.3) = 6.9999...``)."""
+    return max(int(n_samples * (1.0 - drop_prob) + 1e-9), 1)
+
+
+def resolve_drop_path_mode(mode: str, drop_prob: float, device: torch.device | str) -> str:
+    """``"subset"`` or ``"mask"`` for ``mode`` (one of :data:`DROP_PATH_MODES`). ``"auto"``: ``"subset"`` on the
+    CPU (skipping work pays on every rate there); on CUDA ``"subset"`` above :data:`CUDA_SUBSET_MIN_RATE` and
+    ``"mask"`` at or below it."""
+    if mode not in DROP_PATH_MODES:
+        raise ValueError(f"unknown drop_path_mode {mode!r}; choose one of {', '.join(DROP_PATH_MODES)}")
+    if mode != "auto":
+        return mode
+    if torch.device(device).type == "cpu":
+        return "subset"
+    return "subset" if drop_prob > CUDA_SUBSET_MIN_RATE else "mask"
+
+
+class DropPlan:
+    """The stochastic-depth draws of one forward pass: for every dropping branch (``stream``) and every batch of the
+    ``layout`` ``[(B_i, N_i)]``, which :func:`kept_count` samples keep the branch and their scale ``B_i / K_i``.
+
+    Args:
+        rates: ``{stream: drop probability}`` of the branches that drop (rate > 0).
+        layout: the batches of the (packed) token matrix, ``[(B_i, N_i)]``: ``N_i`` rows per sample. For unpacked
+            ``(B, N, D)`` input use ``[(B, 1)]`` (one row = one sample along dim 0).
+        keys: int64 ``(sum B_i,)`` sample keys in layout order (:func:`sample_keys`), or None for torch's generator.
+        device: where the branches run; the index and scale tables are copied there once, in one pinned
+            non-blocking copy (:attr:`tables`).
+        mode: ``"auto"``, ``"subset"`` or ``"mask"`` (:func:`resolve_drop_path_mode`, per stream).
+
+    Streams with the same kept counts (the same rate) share one table, so a uniform rate gives one
+    ``(streams, sum K_i)`` index table. A rate of 1 keeps no sample: one still runs with scale 0, so every parameter
+    gets a (zero) gradient, as DDP expects.
+    """
+
+    def __init__(self, rates: dict[int, float], layout: Layout, keys: Tensor | None,
+                 device: torch.device | str, mode: str = "auto") -> None:
+        self.layout = [(int(b), int(n)) for b, n in layout]
+        self.device = torch.device(device)
+        self.n_samples = sum(b for b, _ in self.layout)
+        if keys is not None and keys.shape != (self.n_samples,):
+            raise ValueError(f"drop-path keys have shape {tuple(keys.shape)}, expected ({self.n_samples},): one key "
+                             "per sample, in the order of the (packed) batch")
+        self.rates = dict(rates)
+        self.modes = {s: resolve_drop_path_mode(mode, p, self.device) for s, p in rates.items()}
+        self.scale_row = {s: i for i, s in enumerate(sorted(rates))}  # stream -> row of the scale table
+        counts = {s: tuple(kept_count(b, p) for b, _ in self.layout) for s, p in rates.items()}
+        self.signatures = sorted(set(counts.values()))  # one kept table per distinct (K_1, K_2, ...)
+        self.where = {s: (self.signatures.index(c), sorted(t for t in rates if counts[t] == c).index(s))
+                      for s, c in counts.items()}  # stream -> (table, row)
+        # The layout of a subset branch's gathered rows: K_i samples of every batch (static, whatever the draw).
+        self.sub_layouts = {s: [(k, n) for k, (_, n) in zip(c, self.layout)] for s, c in counts.items()}
+        self.kept_tables, self.scale = self._draw(keys)
+
+    def _draw(self, keys: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """Host tables: per signature, the kept sample numbers int64 ``(streams, sum K_i)`` (ascending within each
+        batch), and the per-sample scale float32 ``(streams, S)`` (``B_i / K_i`` where kept, 0 where dropped).
+        A few tensor operations per signature and batch, whatever the number of blocks."""
+        streams = sorted(self.rates)
+        if keys is not None:
+            u = uniform_from_keys(keys, streams)  # (streams, S)
+        else:
+            u = torch.rand(len(streams), self.n_samples, dtype=torch.float64)
+        tables, scale = [], torch.zeros(len(streams), self.n_samples)
+        for t, sig in enumerate(self.signatures):
+            members = [s for s in streams if self.where[s][0] == t]  # in table-row order
+            rows = torch.tensor([self.scale_row[s] for s in members])
+            alive = torch.tensor([1.0 if self.rates[s] < 1.0 else 0.0 for s in members]).unsqueeze(1)
+            table, col, start = torch.empty(len(members), sum(sig), dtype=torch.int64), 0, 0
+            for (b, _), k in zip(self.layout, sig):
+                # the k smallest draws of the batch (ties: batch order), ascending so gathered rows keep batch order
+                order = u[rows, start:start + b].sort(dim=1, stable=True).indices
+                chosen = order[:, :k].sort(dim=1).values + start
+                table[:, col:col + k] = chosen
+                scale[rows.unsqueeze(1), chosen] = (alive * (b / k)).expand(-1, k)
+                col, start = col + k, start + b
+            tables.append(table)
+        return tables, scale
+
+    def for_layout(self, layout: Layout) -> DropPlan:
+        """The same draws for another row layout of the same batches (``[(B, N)]`` packed rows instead of
+        ``[(B, 1)]`` samples, for a last block that computes selected rows only): shares the device tables."""
+        layout = [(int(b), int(n)) for b, n in layout]
+        if layout == self.layout:
+            return self
+        if [b for b, _ in layout] != [b for b, _ in self.layout]:
+            raise ValueError(f"the stochastic-depth plan was drawn for batches {[b for b, _ in self.layout]}, not "
+                             f"{[b for b, _ in layout]}")
+        views = self.__dict__.setdefault("_views", {})
+        key = tuple(layout)
+        if key not in views:
+            self.tables  # noqa: B018 - copy to the device once, before the view shares it
+            view = copy.copy(self)
+            for name in ("_row_sample", "_subset_rows", "_views"):
+                view.__dict__.pop(name, None)
+            view.layout = layout
+            view.sub_layouts = {s: [(k, n) for (k, _), (_, n) in zip(sub, layout)]
+                                for s, sub in self.sub_layouts.items()}
+            views[key] = view
+        return views[key]
+
+    def mode(self, stream: int) -> str:
+        """``"subset"`` or ``"mask"``: how ``stream``'s branch runs."""
+        return self.modes[stream]
+
+    def kept_samples(self, stream: int) -> list[int]:
+        """The sample numbers (layout order) that keep ``stream``'s branch, ascending within each batch."""
+        t, row = self.where[stream]
+        return self.kept_tables[t][row].tolist()
+
+    @cached_property
+    def tables(self) -> tuple[list[Tensor], Tensor]:
+        """``(kept tables, scale)`` on :attr:`device`: one pinned, non-blocking host-to-device copy for all blocks."""
+        if self.device.type == "cpu":
+            return self.kept_tables, self.scale
+        host = [t.double().flatten() for t in self.kept_tables] + [self.scale.double().flatten()]
+        buf = torch.cat(host)  # integers < 2**53 are exact in float64: one buffer, one copy
+        if self.device.type == "cuda":
+            buf = buf.pin_memory()  # a non-blocking copy from pinned memory never waits for the device
+        parts = buf.to(self.device, non_blocking=True).split([h.numel() for h in host])
+        kept = [p.view(t.shape).long() for p, t in zip(parts, self.kept_tables)]
+        return kept, parts[-1].view(self.scale.shape).float()
+
+    @cached_property
+    def _row_sample(self) -> Tensor:
+        """Sample number of every row of the (packed) input, ``(T,)`` on the device (built there: no copy)."""
+        parts, start = [], 0
+        for b, n in self.layout:
+            parts.append(torch.arange(start, start + b, device=self.device).repeat_interleave(n))
+            start += b
+        return torch.cat(parts)
+
+    @cached_property
+    def _subset_rows(self) -> list[tuple[Tensor, Tensor]]:
+        """Per kept table: the input rows of the kept samples ``(streams, sum K_i * N_i)``, and the sample of each
+        row (same shape), built on the device from the kept table (a few kernels per forward pass)."""
+        out = []
+        for kept, sig in zip(self.tables[0], self.signatures):
+            rows, samples, col, row_start, sample_start = [], [], 0, 0, 0
+            for (b, n), k in zip(self.layout, sig):
+                kg = kept[:, col:col + k]
+                within = torch.arange(n, device=self.device)
+                rows.append((row_start + (kg - sample_start).unsqueeze(-1) * n + within).flatten(1))
+                samples.append(kg.unsqueeze(-1).expand(-1, -1, n).flatten(1))
+                col, row_start, sample_start = col + k, row_start + b * n, sample_start + b
+            out.append((torch.cat(rows, 1), torch.cat(samples, 1)))
+        return out
+
+    def _scale(self, stream: int) -> Tensor:
+        return self.tables[1][self.scale_row[stream]]
+
+    def add_masked(self, stream: int, x: Tensor, h: Tensor) -> Tensor:
+        """``x + scale * h`` per sample: ``h`` is ``stream``'s branch output on every row of ``x``."""
+        scale = self._scale(stream)
+        if self.layout != [(x.shape[0], 1)]:
+            scale = scale[self._row_sample]
+        return torch.addcmul(x, h.to(x.dtype), scale.to(x.dtype).view(-1, *([1] * (x.ndim - 1))))
+
+    def gather(self, stream: int, x: Tensor) -> Tensor:
+        """The kept samples' rows of ``x`` (dim 0), in layout order: ``(sum K_i * N_i, ...)``."""
+        if self.device.type == "cpu":  # one split + one cat: its backward is a cat too (no scatter-add on the CPU)
+            runs, kept = self._cpu_runs(stream)
+            parts = x.split(runs)
+            return torch.cat([p for p, k in zip(parts, kept) if k])
+        t, row = self.where[stream]
+        return x.index_select(0, self._subset_rows[t][0][row])
+
+    def add(self, stream: int, x: Tensor, h: Tensor) -> Tensor:
+        """``x`` with ``scale * h`` added to the kept samples' rows (``h``: the branch output of :meth:`gather`)."""
+        t, row = self.where[stream]
+        rows, samples = self._subset_rows[t]
+        scale = self._scale(stream)[samples[row]].to(x.dtype)
+        return x.index_add(0, rows[row], h.to(x.dtype) * scale.view(-1, *([1] * (x.ndim - 1))))
+
+    def row_scale(self, stream: int, rows: Tensor) -> Tensor:
+        """The scale of each of the (packed) input's ``rows``: ``(len(rows),)`` on the device."""
+        return self._scale(stream)[self._row_sample[rows]]
+
+    def _cpu_runs(self, stream: int) -> tuple[list[int], list[bool]]:
+        """Runs of consecutive rows whose samples all keep or all drop ``stream``'s branch (fewer, larger pieces)."""
+        keep = [False] * self.n_samples
+        for i in self.kept_samples(stream):
+            keep[i] = True
+        runs: list[int] = []
+        flags: list[bool] = []
+        for flag, n in zip(keep, (n for b, n in self.layout for _ in range(b))):
+            if flags and flags[-1] == flag:
+                runs[-1] += n
+            else:
+                runs.append(n)
+                flags.append(flag)
+        return runs, flags
 
 
 class DropPath(nn.Module):
-    """Per-sample stochastic depth (timm's interface), with keyed draws (see the module docstring).
+    """Per-sample stochastic depth (timm's interface; the draws of :class:`DropPlan`).
 
     ``stream`` distinguishes the draws of different branches of one model (:class:`~ssl_distill.models.layers.Block`
-    uses ``2 * block_index + branch``). :class:`~ssl_distill.models.layers.Block` asks :meth:`subset` which samples
-    keep their branch and runs the branch on those only (the DINOv2 reference does the same for rates above 0.1,
-    with a fixed-size random subset instead of independent per-sample draws; equal in expectation).
+    uses ``2 * block_index + branch``). Blocks do not call this module: they run their branches through the
+    forward pass's :class:`DropPlan`. Calling it (:meth:`forward`) multiplies a computed branch by the plan's scale
+    (the timm-style call; the same draws).
     """
 
     def __init__(self, drop_prob: float = 0.0, stream: int = 0) -> None:
@@ -78,52 +298,23 @@ class DropPath(nn.Module):
         """Whether a call drops anything (training mode and a positive rate)."""
         return self.training and self.drop_prob > 0.0
 
+    def plan(self, layout: Layout, keys: Tensor | None, device: torch.device | str, mode: str = "auto") -> DropPlan:
+        """This branch's draws alone (a block or module used outside a ViT's forward pass)."""
+        return DropPlan({self.stream: self.drop_prob}, layout, keys, device, mode)
+
     def keep_mask(self, n_samples: int, keys: Tensor | None = None) -> Tensor:
-        """Bool ``(n_samples,)`` on the CPU: True where the sample keeps its branch (probability ``1 - p``)."""
-        if keys is not None:
-            if keys.shape != (n_samples,):
-                raise ValueError(f"drop-path keys have shape {tuple(keys.shape)}, expected ({n_samples},): one key "
-                                 "per sample, in the order of the (packed) batch")
-            u = uniform_from_keys(keys, self.stream)
-        else:
-            u = torch.rand(n_samples, dtype=torch.float64)
-        return u < 1.0 - self.drop_prob
+        """Bool ``(n_samples,)`` on the CPU: True for the :func:`kept_count` samples that keep the branch."""
+        mask = torch.zeros(n_samples, dtype=torch.bool)
+        mask[self.plan([(n_samples, 1)], keys, "cpu").kept_samples(self.stream)] = True
+        return mask
 
     def forward(self, x: Tensor, layout: Layout | None = None, keys: Tensor | None = None) -> Tensor:
-        """``x * mask / (1 - p)`` per sample: ``x`` ``(B, ...)``, or packed tokens ``(T, D)`` with ``layout``."""
+        """``x * scale`` per sample (``B / K`` where kept, 0 where dropped): ``x`` ``(B, ...)``, or packed tokens
+        ``(T, D)`` with ``layout``."""
         if not self.active:
             return x
-        keep = 1.0 - self.drop_prob
-        counts = [n for b, n in layout for _ in range(b)] if layout is not None else [1] * x.shape[0]
-        scale = self.keep_mask(len(counts), keys).to(x.dtype) / keep if keep > 0.0 else torch.zeros(len(counts))
-        scale = scale.to(x.device, x.dtype)
-        if layout is not None:
-            scale = scale.repeat_interleave(torch.tensor(counts, device=x.device), output_size=x.shape[0])
-        return x * scale.view(-1, *([1] * (x.ndim - 1)))
-
-    def subset(self, x: Tensor, layout: Layout | None = None, keys: Tensor | None = None) -> KeptSamples:
-        """Draw which samples of ``x`` keep their branch (see :class:`KeptSamples`).
-
-        ``x`` is ``(B, N, D)`` or packed ``(T, D)`` with ``layout``; ``keys`` int64 ``(samples,)`` or None. Kept
-        branches are added back with weight ``alpha = 1 / (1 - p)``. When every sample is dropped, one sample still
-        runs with ``alpha = 0``: the output is unchanged but every parameter gets a (zero) gradient, as DDP
-        expects. The draw happens on the CPU, so the number of kept samples is known without a device sync.
-        """
-        keep = 1.0 - self.drop_prob
-        n_samples = sum(b for b, _ in layout) if layout is not None else int(x.shape[0])
-        rows_per_sample = [n for b, n in layout for _ in range(b)] if layout is not None else None
-        kept = self.keep_mask(n_samples, keys).tolist()
-        alpha = 1.0 / keep if keep > 0.0 else 0.0
-        if not any(kept):
-            kept[0], alpha = True, 0.0
-        sub_layout = None
-        if layout is not None:  # per batch of the layout: how many of its samples are kept (empty batches go)
-            sub_layout, start = [], 0
-            for b, n in layout:
-                if k := sum(kept[start:start + b]):
-                    sub_layout.append((k, n))
-                start += b
-        return KeptSamples(kept, rows_per_sample, sub_layout, alpha, x.device)
+        plan = self.plan(layout if layout is not None else [(x.shape[0], 1)], keys, x.device, "mask")
+        return plan.add_masked(self.stream, torch.zeros_like(x), x)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}, stream={self.stream}"
@@ -132,55 +323,3 @@ class DropPath(nn.Module):
 def is_dropping(drop: nn.Module) -> bool:
     """Whether ``drop`` (a block's ``drop_path1/2``: DropPath or Identity) drops anything in this call."""
     return isinstance(drop, DropPath) and drop.active
-
-
-def row_samples(layout: Layout, rows: Tensor) -> Tensor:
-    """Sample index (samples numbered in layout order) of each packed token row in ``rows``."""
-    tokens_per_sample = torch.tensor([n for b, n in layout for _ in range(b)], device=rows.device)
-    token_sample = torch.arange(len(tokens_per_sample), device=rows.device).repeat_interleave(
-        tokens_per_sample, output_size=sum(b * n for b, n in layout))
-    return token_sample[rows]
-
-
-class KeptSamples:
-    """The samples whose residual branch runs in one stochastic-depth draw (:meth:`DropPath.subset`).
-
-    :meth:`gather` takes their rows out of ``x`` (one ``split`` + one ``cat``: the backward is one ``cat``
-    too, far cheaper on CPU than ``index_select``'s scatter-add backward); :meth:`add` adds the branch output
-    back with ``index_add``. ``layout`` is the packed layout of the gathered rows (None for ``(B, N, D)``).
-    """
-
-    def __init__(self, kept: list[bool], rows_per_sample: list[int] | None, layout: list[tuple[int, int]] | None,
-                 alpha: float, device: torch.device) -> None:
-        self.layout = layout
-        self.alpha = alpha
-        rows = rows_per_sample or [1] * len(kept)
-        # Runs of consecutive samples with the same flag: fewer, larger pieces to split and concatenate.
-        self.run_rows: list[int] = []
-        self.run_kept: list[bool] = []
-        for flag, n in zip(kept, rows):
-            if self.run_kept and self.run_kept[-1] == flag:
-                self.run_rows[-1] += n
-            else:
-                self.run_rows.append(n)
-                self.run_kept.append(flag)
-        pieces, start = [], 0
-        for n, flag in zip(self.run_rows, self.run_kept):
-            if flag:
-                pieces.append(torch.arange(start, start + n))
-            start += n
-        index = torch.cat(pieces)
-        if device.type == "cuda":
-            index = index.pin_memory()
-        self.index = index.to(device, non_blocking=True)
-
-    def gather(self, x: Tensor) -> Tensor:
-        """The kept samples' rows of ``x`` (dim 0), in order."""
-        if len(self.run_rows) == 1:
-            return x
-        parts = x.split(self.run_rows)
-        return torch.cat([p for p, k in zip(parts, self.run_kept) if k])
-
-    def add(self, x: Tensor, h: Tensor) -> Tensor:
-        """``x`` with ``alpha * h`` added to the kept samples' rows."""
-        return x.index_add(0, self.index, h.to(x.dtype), alpha=self.alpha)

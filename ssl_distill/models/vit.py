@@ -19,6 +19,7 @@ from ssl_distill.models.attention import check_attn_impl
 from ssl_distill.models.layers import FFN_LAYERS, Block, LayerScale, PatchEmbed
 from ssl_distill.models.packing import concat_keys, pack_tokens, selected_token_rows, unpack_tokens
 from ssl_distill.models.resample import interpolate_pos_embed
+from ssl_distill.models.stochastic_depth import DropPlan, is_dropping, resolve_drop_path_mode
 
 FeatureDict = dict[str, Any]
 _TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
@@ -63,6 +64,7 @@ class VisionTransformer(nn.Module):
         proj_bias: bool = True,
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = False,
+        drop_path_mode: str = "auto",
         init_values: float | None = None,
         ffn_layer: str = "mlp",
         num_register_tokens: int = 0,
@@ -77,6 +79,7 @@ class VisionTransformer(nn.Module):
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose one of {', '.join(FFN_LAYERS)}")
         check_attn_impl(attn_impl)
+        resolve_drop_path_mode(drop_path_mode, drop_path_rate, "cpu")  # a wrong name fails here, not in training
         if num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {num_register_tokens}")
         self.num_features = self.embed_dim = embed_dim
@@ -89,6 +92,7 @@ class VisionTransformer(nn.Module):
         self.interpolate_offset = interpolate_offset
         self.packed = packed  # one packed pass over crops of several resolutions (see _run_blocks)
         self.grad_checkpointing = grad_checkpointing  # recompute each block's activations in backward
+        self.drop_path_mode = drop_path_mode  # how dropped branches are skipped (DropPlan)
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
@@ -105,7 +109,8 @@ class VisionTransformer(nn.Module):
             dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device="cpu")]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_bias=proj_bias, ffn_bias=ffn_bias,
-                  drop_path=dpr[i], init_values=init_values, ffn_layer=ffn_layer, attn_impl=attn_impl, index=i)
+                  drop_path=dpr[i], init_values=init_values, ffn_layer=ffn_layer, attn_impl=attn_impl, index=i,
+                  drop_path_mode=drop_path_mode)
             for i in range(depth)
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
@@ -193,29 +198,40 @@ class VisionTransformer(nn.Module):
         With ``packed`` (the default) and several batches, their tokens are concatenated once into a ``(T, D)``
         matrix that every block processes in one pass (norms, linears and MLP over all tokens; attention per
         resolution); otherwise each block runs per batch. With ``grad_checkpointing`` (and autograd recording),
-        each block's activations are recomputed in the backward pass instead of stored (the stochastic-depth
-        keys are inputs of the block, so the recomputation replays the same draws).
+        each block's activations are recomputed in the backward pass instead of stored (the stochastic-depth plan
+        is an input of the block, so the recomputation replays the same draws).
 
         ``rows``: token rows of the packed ``(T, D)`` matrix whose final output is wanted; the last block then
         computes only those (:meth:`Block.forward`) and the result is ``(len(rows), D)``. ``keys``: per batch, the
-        samples' stochastic-depth keys (see :meth:`forward_train`).
+        samples' stochastic-depth keys (see :meth:`forward_train`), from which the draws of all blocks are made
+        once, here (:class:`DropPlan`).
         """
         ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         last = len(self.blocks) - 1
-        if self.packed and len(xs) > 1:
+        pack = self.packed and len(xs) > 1
+        plan = self._drop_plan(xs, keys, per_sample=len(xs) == 1)
+        if pack:
             x, layout = pack_tokens(xs)
-            packed_keys = concat_keys(keys, len(xs))
             for i, blk in enumerate(self.blocks):
                 kwargs = {"rows": rows} if rows is not None and i == last else {}
-                x = self._call_block(blk, x, ckpt, layout=layout, keys=packed_keys, **kwargs)
+                x = self._call_block(blk, x, ckpt, layout=layout, plan=plan, **kwargs)
             return x if rows is not None else unpack_tokens(x, layout)
         for blk in self.blocks if rows is None else self.blocks[:last]:
-            xs = self._call_block(blk, xs, ckpt, keys=keys)
+            xs = self._call_block(blk, xs, ckpt, plan=plan)
         if rows is None:
             return xs
         x, layout = pack_tokens(xs)
-        return self._call_block(self.blocks[last], x, ckpt, layout=layout, rows=rows,
-                                keys=concat_keys(keys, len(xs)))
+        return self._call_block(self.blocks[last], x, ckpt, layout=layout, rows=rows, plan=plan)
+
+    def _drop_plan(self, xs: list[Tensor], keys: list[Tensor | None] | None, per_sample: bool) -> DropPlan | None:
+        """The stochastic-depth draws of every block for this forward pass (None when nothing drops), for the rows
+        the blocks will see: packed ``[(B_i, N_i)]``, or ``[(B, 1)]`` (``per_sample``) for one unpacked batch."""
+        rates = {d.stream: d.drop_prob for blk in self.blocks for d in (blk.drop_path1, blk.drop_path2)
+                 if is_dropping(d)}
+        if not rates:
+            return None
+        layout = [(x.shape[0], 1 if per_sample else x.shape[1]) for x in xs]
+        return DropPlan(rates, layout, concat_keys(keys, len(xs)), xs[0].device, self.drop_path_mode)
 
     @staticmethod
     def _call_block(blk: nn.Module, x: Any, ckpt: bool, **kwargs: Any) -> Any:
