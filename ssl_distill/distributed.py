@@ -81,11 +81,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place sum over ranks (no-op alone). Returns ``tensor`` for chaining."""
+def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """In-place sum over ranks (no-op alone). Returns ``tensor`` for chaining. ``group``: a process group (default:
+    the world)."""
     if is_enabled() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place minimum over ranks (no-op alone). Returns ``tensor``."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def new_host_group() -> Any:
+    """A process group for small CPU tensors (gloo), so ranks can agree on host-side flags without a device
+    synchronisation; None (the default group) when the world's backend is gloo already or when alone. A collective:
+    every rank calls it at the same point."""
+    if get_world_size() == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

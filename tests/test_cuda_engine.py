@@ -6,6 +6,7 @@ CPU for the GPU check's dry run (DDP/FSDP2 then use gloo, and eval-knn compares 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -23,7 +24,7 @@ from ssl_distill.distributed import free_port
 from ssl_distill.eval.args import KNN_RESULTS
 from ssl_distill.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
-from ssl_distill.train.trainer import Trainer
+from ssl_distill.train.trainer import Trainer, build_train_loader
 
 pytestmark = pytest.mark.cuda
 
@@ -177,3 +178,41 @@ def test_eval_knn_on_device_matches_cpu(tmp_path, device) -> None:
     for key, acc in cpu_top1.items():
         assert abs(_top1(dev_results)[key] - acc) <= 100.0 / n_val + 1e-9, key
         assert abs(_top1(bf16_results)[key] - acc) <= 200.0 / n_val + 1e-9, key
+
+
+@pytest.mark.parametrize("mode", ["subset", "mask"])
+def test_training_steps_never_wait_for_the_device(tmp_path, photo_folder, device, mode) -> None:
+    """Steps that end no log period run under ``torch.cuda.set_sync_debug_mode("error")``: any host-device
+    synchronisation in them (a value read, a blocking copy, ``nonzero``) raises. Stochastic depth 0.3 in both
+    execution modes; bf16 autocast as in the recipe. On the CPU (dry run) the mode does not exist: the steps just
+    run, and ``tests/test_static_step.py`` checks the same on the meta device."""
+    cfg = load_config(TINY, tiny_overrides(photo_folder, **{
+        "train.device": device.type, "train.log_period": 100, "train.iters_per_epoch": 100,
+        "student.drop_path_rate": 0.3, "student.drop_path_mode": mode, "train.num_workers": 2}))
+    trainer = Trainer(cfg, tmp_path)
+    try:
+        trainer.meta.train()
+        loader = build_train_loader(cfg, trainer.dataset, 0, pin_memory=device.type == "cuda")
+        batches = iter(loader)
+        trainer.step(next(batches), 0)  # first step: lazy initialisation (cuBLAS handles, optimizer state)
+        for it in range(1, 4):
+            batch = next(batches)
+            guard = contextlib.nullcontext()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                guard = _sync_debug_error()
+            with guard:
+                record = trainer.step(batch, it)
+            assert "total_loss" not in record  # a non-log step reads no loss
+        trainer._check_finite()
+    finally:
+        trainer.close()
+
+
+@contextlib.contextmanager
+def _sync_debug_error():
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -97,8 +98,11 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path, photo_folder, workers):
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_rank_sigkill_resume_and_resume_on_one_rank(tmp_path, photo_folder):
-    """2 gloo ranks with stochastic depth 0.3: SIGKILL + resume on 2 ranks is bit-identical; the 2-rank checkpoint
-    resumed on 1 rank continues the same trajectory (equal up to the float rounding of other batch splits)."""
+    """2 gloo ranks with stochastic depth 0.3: SIGKILL + resume on 2 ranks is bit-identical. The 2-rank checkpoint
+    resumes on 1 rank from the same state and data order; the stochastic-depth subsets are drawn per rank's batch
+    (a fixed number per batch: static shapes), so other samples drop there and the trajectory is continued, not
+    replayed: the first resumed step's total loss, from identical weights and images, agrees to ~1 % (without
+    stochastic depth a world-size change is exact: test_resume_on_a_different_world_size)."""
     ref, killed, switched = tmp_path / "ref", tmp_path / "killed", tmp_path / "switched"
     common = {"optim.epochs": 3, "student.drop_path_rate": 0.3, "student.layerscale": 1.0,
               "train.keep_last_checkpoints": 0}
@@ -115,8 +119,9 @@ def test_two_rank_sigkill_resume_and_resume_on_one_rank(tmp_path, photo_folder):
     _assert_ok(run_train(switched, one_rank))
     got, want = _losses(switched), [x for x in _losses(ref) if x[0] > 6]
     assert [i for i, _ in got] == list(range(7, 13))
-    for (_, a), (_, b) in zip(got, want):
-        assert a == pytest.approx(b, rel=2e-4, abs=2e-5)
+    total = LOSS_KEYS.index("total_loss")
+    assert got[0][1][total] == pytest.approx(want[0][1][total], rel=1e-2)
+    assert all(math.isfinite(v) for _, losses in got for v in losses)
 
 
 @pytest.mark.slow
@@ -208,9 +213,12 @@ def test_broken_images_are_skipped_and_counted(tmp_path, photo_folder):
     assert "train.bad_image_policy=skip" in proc.stderr
 
 
-def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folder, monkeypatch):
+@pytest.mark.parametrize("log_period", [1, 8])
+def test_nan_loss_stops_with_iteration_and_last_checkpoint(tmp_path, photo_folder, monkeypatch, log_period):
+    """The loss is read only at log periods (no device sync in the other steps); a NaN in between is still named
+    by its iteration, and the checkpoint due after it (iteration 4) is never written."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    cfg = load_config(TINY, tiny_overrides(photo_folder))
+    cfg = load_config(TINY, tiny_overrides(photo_folder, **{"train.log_period": log_period}))
     trainer = Trainer(cfg, tmp_path)
     real = trainer.meta.compute_losses
     calls = {"n": 0}

@@ -70,7 +70,8 @@ class CenteredTeacherLoss(nn.Module):
         self.apply_center_update()
         batch_sum = batch_sum.detach().to(self.center.dtype)
         if sum_counts:
-            batch_sum = torch.cat([batch_sum.reshape(-1), batch_sum.new_tensor([float(count)])])
+            count_t = torch.full((1,), float(count), dtype=batch_sum.dtype, device=batch_sum.device)  # no copy
+            batch_sum = torch.cat([batch_sum.reshape(-1), count_t])
         batch_sum = batch_sum.contiguous()
         handle = _all_reduce_sum_async_(batch_sum)
         world = 1 if sum_counts else distributed.get_world_size()
@@ -84,14 +85,14 @@ class CenteredTeacherLoss(nn.Module):
             return
         if pending.handle is not None:
             pending.handle.wait()
-        if pending.count < 0:  # sum_counts: the last element is the global count
-            total = pending.batch_sum[-1]
-            if total <= 0:
-                return
-            batch_center = (pending.batch_sum[:-1] / total).reshape(self.center.shape)
-        else:
-            batch_center = pending.batch_sum / (pending.count * pending.world_size)
         m = self.center_momentum
+        if pending.count < 0:  # sum_counts: the last element is the global count; none anywhere -> no update
+            total = pending.batch_sum[-1]
+            batch_center = (pending.batch_sum[:-1] / total.clamp(min=1)).reshape(self.center.shape)
+            updated = self.center * m + batch_center * (1 - m)
+            self.center.copy_(torch.where(total > 0, updated, self.center))  # decided on the device: no sync
+            return
+        batch_center = pending.batch_sum / (pending.count * pending.world_size)
         self.center.copy_(self.center * m + batch_center * (1 - m))
 
     @torch.no_grad()

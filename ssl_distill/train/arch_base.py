@@ -200,12 +200,13 @@ class StudentTeacherArch(nn.Module):
                 t_params.append(_local_tensor(pt.detach()))
         torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)  # t + (1 - m) * (s - t): one pass
 
-    def clip_gradients(self, max_norm: float) -> dict[str, float]:
-        """Clip each student part's gradients separately (as DINOv2 does); returns their pre-clip norms."""
+    def clip_gradients(self, max_norm: float) -> dict[str, Tensor]:
+        """Clip each student part's gradients separately (as DINOv2 does); returns their pre-clip norms (0-dim
+        tensors on the device: reading one waits for the device)."""
         norms = {}
         for name, module in self.student.items():
             params = [p for p in module.parameters() if p.grad is not None]
             if params:
                 norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                norms[name] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                norms[name] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         return norms

@@ -229,3 +229,30 @@ def replay_collapse_monitor(cfg: DictConfig, records: list[Mapping[str, float]])
     for record in records:
         monitor.update(int(record["iteration"]), record)
     return monitor.warning
+
+
+class DivergenceWatch:
+    """Notices a non-finite loss without waiting for the device in every step.
+
+    :meth:`watch` folds each step's total loss into a device-side record of the first bad iteration (no
+    synchronisation); :meth:`first_bad` reads it (one device sync and one all-reduce, so every rank agrees). The
+    trainer reads it at log periods and before every checkpoint, so a checkpoint never holds the state after a
+    diverged step.
+    """
+
+    _NONE = 2**62
+
+    def __init__(self) -> None:
+        self._first: Tensor | None = None
+
+    def watch(self, total: Tensor, iteration: int) -> None:
+        """Record ``iteration`` if ``total`` (a scalar loss on the device) is NaN or infinite."""
+        bad = torch.where(torch.isfinite(total.detach()), self._NONE, iteration)
+        self._first = bad if self._first is None else torch.minimum(self._first, bad)
+
+    def first_bad(self) -> int | None:
+        """The first iteration (on any rank) whose loss was not finite, or None (a collective)."""
+        if self._first is None:
+            return None
+        value = int(distributed.all_reduce_min(self._first.clone().view(1)).item())
+        return None if value >= self._NONE else value

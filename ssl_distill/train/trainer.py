@@ -12,7 +12,6 @@ sample, so no RNG state is saved: on CPU a run that is killed and resumed contin
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import time
@@ -35,7 +34,7 @@ from ssl_distill.data.collate import TrainingCollator
 from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
 from ssl_distill.train.arch_base import StudentTeacherArch
-from ssl_distill.train.diagnostics import CollapseMonitor
+from ssl_distill.train.diagnostics import CollapseMonitor, DivergenceWatch
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
@@ -159,6 +158,8 @@ class Trainer:
         self.global_batch = cfg.train.batch_size_per_gpu * self.world
         self.stop_requested = False  # set by request_stop() (signal handlers: train.signals.StopOnSignals)
         self.stop_reason = ""
+        self._host_group = distributed.new_host_group()  # stop agreement on the CPU: no device sync per step
+        self.divergence = DivergenceWatch()
         resume_from = self._find_resume(resume)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.meta = build_arch(cfg, load_pretrained=resume_from is None).to(self.device)
@@ -190,10 +191,9 @@ class Trainer:
         self.stop_requested = True
 
     def _stop_agreed(self) -> bool:
+        """Whether any rank asked to stop (a CPU all-reduce on the host group: no device synchronisation)."""
         flag = torch.tensor([1.0 if self.stop_requested else 0.0])
-        if self.world > 1 and self.device.type == "cuda":
-            flag = flag.to(self.device)
-        return bool(distributed.all_reduce_sum(flag).item() > 0)
+        return bool(distributed.all_reduce_sum(flag, group=self._host_group).item() > 0)
 
     def close(self) -> None:
         """Release the output directory's run lock (done by :meth:`run` on any exit)."""
@@ -233,8 +233,21 @@ class Trainer:
         logger.info("resumed from %s at iteration %d", path, state["iteration"])
         return int(state["iteration"])
 
+    def _check_finite(self) -> None:
+        """Raise :class:`TrainingDiverged` if a loss since the start was NaN or infinite (a collective sync)."""
+        bad = self.divergence.first_bad()
+        if bad is not None:
+            raise TrainingDiverged(
+                f"loss is not finite (NaN or inf) at iteration {bad} (the first such step); the last good "
+                f"checkpoint is {self.last_checkpoint or 'none (no checkpoint written yet)'} and was left untouched. "
+                "Lower "
+                "optim.base_lr or optim.clip_grad, or use train.precision=bf16 instead of fp16."
+            )
+
     def save(self, iteration: int) -> Path | None:
-        """Checkpoint of the state *before* ``iteration`` runs (collective; rank 0 writes)."""
+        """Checkpoint of the state *before* ``iteration`` runs (collective; rank 0 writes); never the state after a
+        non-finite loss (:class:`TrainingDiverged` instead)."""
+        self._check_finite()
         state = gather_state(
             self.meta, self.optimizer, self.scaler, iteration, self.global_batch, config_to_yaml(self.cfg)
         )
@@ -246,21 +259,16 @@ class Trainer:
         return path
 
     def step(self, batch: dict[str, Any], it: int) -> dict[str, float]:
-        """One optimisation step at iteration ``it``; returns the rank-averaged losses."""
+        """One optimisation step at iteration ``it``; returns the schedule values and, when the step ends a log
+        period, the rank-averaged losses. Only then does the host wait for the device (fp32/bf16; fp16's loss
+        scaler checks its gradients every step): the other steps queue their work and return."""
         values = self.schedules.at(it)
         apply_optim_schedule(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"],
                              values["backbone_lr_factor"])
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler,
-                                            diagnostics=self._logs_after(it + 1))
-        stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())
-        reduced = dict(zip(losses, stacked.tolist()))
-        if not math.isfinite(reduced["total_loss"]):
-            raise TrainingDiverged(
-                f"loss is {reduced['total_loss']} at iteration {it} ({reduced}); the last good checkpoint is "
-                f"{self.last_checkpoint or 'none (no checkpoint written yet)'} and was left untouched. Lower "
-                "optim.base_lr or optim.clip_grad, or use train.precision=bf16 instead of fp16."
-            )
+        logs = self._logs_after(it + 1)
+        losses = self.meta.forward_backward(batch, values["teacher_temp"], self.scaler, diagnostics=logs)
+        self.divergence.watch(losses["total_loss"], it)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.cfg.optim.clip_grad > 0:
@@ -271,7 +279,11 @@ class Trainer:
         else:
             self.optimizer.step()
         self.meta.update_teacher(values["momentum"])
-        return {**reduced, **values}
+        if not logs:
+            return dict(values)
+        self._check_finite()
+        stacked = distributed.all_reduce_mean(torch.stack(list(losses.values())).float())
+        return {**dict(zip(losses, stacked.tolist())), **values}
 
     def run(self) -> dict[str, Any]:
         """Train from ``start_iter`` to the end; returns a summary. Raises TrainingInterrupted on a stop request.
@@ -297,7 +309,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(data_iter)
                 data_time += time.perf_counter() - t0
-                broken += int(distributed.all_reduce_sum(batch["n_broken"].clone()).item())
+                broken += int(batch["n_broken"])  # this rank's (a CPU tensor); summed over ranks when logged
                 record = self.step(batch, it)
                 it += 1
                 if self.monitor is not None and (
@@ -331,6 +343,7 @@ class Trainer:
         return result
 
     def _record(self, it: int, rec: dict[str, float], n: int, elapsed: float, data_time: float, broken: int) -> dict:
+        broken = int(distributed.all_reduce_sum(torch.tensor([broken], device=self._reduce_device())).item())
         peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
         return {
             "iteration": it, "total_iterations": self.total_iters, "epoch": (it - 1) // self.cfg.train.iters_per_epoch,
@@ -338,6 +351,10 @@ class Trainer:
             "images_per_s": n * self.global_batch / max(elapsed, 1e-9), "data_time_s": data_time / n,
             "peak_memory_mb": peak / 2**20, "broken_images": broken,
         }
+
+    def _reduce_device(self) -> torch.device:
+        """Where a tensor must be for a world all-reduce: the GPU under NCCL, else the CPU."""
+        return self.device if self.world > 1 and self.device.type == "cuda" else torch.device("cpu")
 
     def _finish(self) -> dict[str, Any]:
         export = self.output_dir / TEACHER_EXPORT
