@@ -13,12 +13,20 @@ workers compete for cores, so this extrapolates from the most loaded measurement
 
     python benchmarks/data_loader.py --device cuda --workers 4 8 12 --step-json results/train_step_cuda_*.json
 
+Bounded in time: the measurements share ``--budget-s`` (each worker count gets an equal part of what is left, warm-up
+and measured seconds shrunk alike), every batch must arrive within ``--batch-timeout-s`` (else the run stops with one
+message naming the worker count), each loader's workers are shut down before the next one starts, and every row is
+printed and written to the JSON as soon as it is measured, so a run killed from outside still leaves its rows. (The
+H200 run was killed at 45 s: 3 x (2 + 7 s) of measurement after ~15 s of start-up, with nothing printed before the
+end, looked like a hang; its ``resource_sharer`` traceback was the pin-memory thread losing its workers to the kill.)
+
 Writes ``data_loader.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -60,11 +68,37 @@ def loader_config(args: argparse.Namespace, folder: Path, workers: int) -> Any:
     ])
 
 
-def measure(args: argparse.Namespace, folder: Path, workers: int, device: torch.device) -> dict[str, Any]:
-    """Steady-state images/s of the training loader with ``workers`` worker processes."""
+class LoaderStalled(RuntimeError):
+    """A batch did not arrive within ``--batch-timeout-s``."""
+
+
+def measure(args: argparse.Namespace, folder: Path, workers: int, device: torch.device,
+            share_s: float | None = None) -> dict[str, Any]:
+    """Steady-state images/s of the training loader with ``workers`` worker processes, in about ``share_s`` seconds
+    of warm-up + measurement (default ``--warmup-s`` + ``--seconds``); the workers are shut down on return."""
+    warmup_s, seconds = args.warmup_s, args.seconds
+    if share_s is not None and share_s < warmup_s + seconds:
+        scale = max(share_s, 0.0) / (warmup_s + seconds)
+        warmup_s, seconds = warmup_s * scale, seconds * scale
     t_start = time.perf_counter()
     cfg = loader_config(args, folder, workers)
-    loader = build_train_loader(cfg, build_train_dataset(cfg), 0, pin_memory=device.type == "cuda")
+    loader = build_train_loader(cfg, build_train_dataset(cfg), 0, pin_memory=device.type == "cuda",
+                                timeout_s=args.batch_timeout_s)
+    try:
+        return _timed_rates(loader, workers, device, warmup_s, seconds, t_start, args.batch)
+    except RuntimeError as err:
+        if "timed out" not in str(err):
+            raise
+        raise LoaderStalled(f"data_loader: no batch within --batch-timeout-s {args.batch_timeout_s:g} s with "
+                            f"{workers} workers (pin_memory={device.type == 'cuda'}); the loader is stuck or far "
+                            "too slow for this machine") from None
+    finally:
+        loader = None
+        gc.collect()  # the loader's iterator shuts its workers down when freed: before the next count starts them
+
+
+def _timed_rates(loader: Any, workers: int, device: torch.device, warmup_s: float, seconds: float, t_start: float,
+                 batch: int) -> dict[str, Any]:
     it = iter(loader)
 
     def take() -> None:
@@ -74,17 +108,17 @@ def measure(args: argparse.Namespace, folder: Path, workers: int, device: torch.
 
     take()  # the first batch waits for the workers to start
     first_batch_s = time.perf_counter() - t_start
-    end_warmup = time.perf_counter() + args.warmup_s
+    end_warmup = time.perf_counter() + warmup_s
     while time.perf_counter() < end_warmup:
         take()
     sync(device)
     n, t0 = 0, time.perf_counter()
-    while n == 0 or time.perf_counter() - t0 < args.seconds:
+    while n == 0 or time.perf_counter() - t0 < seconds:
         take()
         n += 1
     sync(device)
     elapsed = time.perf_counter() - t0
-    rate = n * args.batch / elapsed
+    rate = n * batch / elapsed
     return {"workers": workers, "images_per_s": rate, "images_per_s_per_worker": rate / max(workers, 1),
             "batches": n, "seconds": elapsed, "first_batch_s": first_batch_s}
 
@@ -126,13 +160,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--image-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"))
     p.add_argument("--warmup-s", type=float, default=2.0, help="seconds of batches not counted, per worker count")
     p.add_argument("--seconds", type=float, default=7.0, help="seconds measured per worker count")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for all warm-ups and measurements together (default: no limit)")
+    p.add_argument("--batch-timeout-s", type=float, default=60.0,
+                   help="stop with an error when a batch takes longer than this (the first one included)")
     p.add_argument("--step-json", nargs="*", default=[], help="train_step.py result files to compare with")
     p.add_argument("--out-dir", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    rows: list[dict[str, Any]] = []
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_photo_folder(Path(tmp), args.images, tuple(args.image_size))
-        rows = [measure(args, folder, w, device) for w in args.workers]
+        for i, w in enumerate(args.workers):
+            share = None if deadline is None else (deadline - time.perf_counter()) / (len(args.workers) - i)
+            try:
+                rows.append(measure(args, folder, w, device, share))
+            except LoaderStalled as err:
+                raise SystemExit(str(err)) from None
+            print(f"workers {w}: {rows[-1]['images_per_s']:.0f} images/s", flush=True)
+            write_json("data_loader", {"args": vars(args), "rows": rows, "feed": [], "partial": True}, args.out_dir)
     print_table(rows, ["workers", "images_per_s", "images_per_s_per_worker", "first_batch_s"])
     feed = feed_rows(rows, step_rates(args.step_json))
     if feed:

@@ -21,6 +21,31 @@ def _load(name: str):
     return module
 
 
+TINY_LOADER = ["--batch", "4", "--patch-size", "8", "--global-size", "32", "--local-size", "16", "--local-crops", "2",
+               "--images", "8", "--image-size", "64", "48"]
+
+
+def test_data_loader_benchmark_is_bounded_in_time(tmp_path):
+    """With workers: the measurements stay within --budget-s, every worker count gets a row (written as it is
+    measured) and its workers are gone before the next count starts; a stalled batch is one clear error."""
+    import multiprocessing
+    import time
+
+    bench = _load("data_loader")
+    t0 = time.perf_counter()
+    payload = bench.main(["--device", "cpu", "--workers", "2", "1", "--warmup-s", "5", "--seconds", "20",
+                          "--budget-s", "3", "--out-dir", str(tmp_path), *TINY_LOADER])
+    rows = payload["rows"]
+    assert [r["workers"] for r in rows] == [2, 1]
+    assert sum(r["seconds"] for r in rows) < 3.0  # 25 s per count asked, the budget shrinks them
+    assert time.perf_counter() - t0 < 60
+    assert not multiprocessing.active_children()
+    assert json.loads((tmp_path / "data_loader.json").read_text())["rows"] == rows
+    with pytest.raises(SystemExit, match="no batch within --batch-timeout-s 0.001 s with 2 workers"):
+        bench.main(["--device", "cpu", "--workers", "2", "--batch-timeout-s", "0.001", "--out-dir", str(tmp_path),
+                    *TINY_LOADER])
+
+
 @pytest.mark.slow
 def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
     pytest.importorskip("lightly")

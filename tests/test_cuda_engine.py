@@ -22,6 +22,7 @@ from ssl_distill.config import load_config
 from ssl_distill.data.digits import write_digits_folders
 from ssl_distill.distributed import free_port
 from ssl_distill.eval.args import KNN_RESULTS
+from ssl_distill.eval.knn import knn_few_shot
 from ssl_distill.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
 from ssl_distill.train.trainer import Trainer, build_train_loader
@@ -155,12 +156,14 @@ def _top1(results: dict) -> dict[str, float]:
 
 
 def test_eval_knn_on_device_matches_cpu(tmp_path, device) -> None:
-    """k-NN top-1 of the same (seeded random) backbone on the device and on the CPU.
+    """eval-knn of the same (seeded random) backbone on the device and on the CPU.
 
-    In fp32 the features agree to rounding (rtol 1e-4: different summation orders, ~1e-6 relative), so the
-    accuracies agree except where two neighbours tie to within that rounding: at most one of the 50 val images may
-    flip. Under the default bf16 autocast the features move by bf16 rounding (cosine >= 0.999), and at most two
-    images may flip.
+    The k-NN itself is device-independent: on the features the device extracted, the device's k-NN (float64
+    similarities on the device) equals the CPU's exactly. Across devices only the features are compared: in fp32
+    they agree to rounding (rtol 1e-4), under bf16 autocast to cosine >= 0.999. The accuracies are *not* compared
+    across devices: this random ViT's CLS features are collinear to ~1e-9 (the nearest and second-nearest train
+    image of every val image differ in similarity by 1e-13 ... 1e-11, measured on the CPU), so a ~1e-6 feature
+    difference may reorder the neighbours of any of the 50 val images (on an H200, 2 of 50 k=1 decisions flipped).
     """
     train_dir, val_dir = write_digits_folders(tmp_path / "digits", 12, 5)
     cpu_results, cpu_feats = _knn(tmp_path, "cpu", "cpu", "none", train_dir, val_dir)
@@ -173,11 +176,11 @@ def test_eval_knn_on_device_matches_cpu(tmp_path, device) -> None:
         cos = torch.nn.functional.cosine_similarity(bf16_feats[split]["cls"].float().flatten(1),
                                                     cpu_feats[split]["cls"].flatten(1))
         assert float(cos.min()) >= 0.999, (split, float(cos.min()))
-    cpu_top1 = _top1(cpu_results)
-    assert cpu_top1.keys() == _top1(dev_results).keys() == _top1(bf16_results).keys()
-    for key, acc in cpu_top1.items():
-        assert abs(_top1(dev_results)[key] - acc) <= 100.0 / n_val + 1e-9, key
-        assert abs(_top1(bf16_results)[key] - acc) <= 200.0 / n_val + 1e-9, key
+    for results, feats in ((dev_results, dev_feats), (bf16_results, bf16_feats), (cpu_results, cpu_feats)):
+        on_cpu = knn_few_shot(feats["train"]["cls"][:, -1], feats["train"]["labels"], feats["val"]["cls"][:, -1],
+                              feats["val"]["labels"], [1, 5, 20], 0.07, [-1], 1, device="cpu")
+        assert results == on_cpu
+    assert _top1(cpu_results).keys() == _top1(dev_results).keys() == _top1(bf16_results).keys()
 
 
 @pytest.mark.parametrize("mode", ["subset", "mask"])

@@ -8,7 +8,14 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from ssl_distill.eval.knn import few_shot_indices, knn_accuracy, knn_few_shot, topk_neighbours
+from ssl_distill.eval.knn import (
+    _inverse_row_norms,
+    few_shot_indices,
+    knn_accuracy,
+    knn_correct_counts,
+    knn_few_shot,
+    topk_neighbours,
+)
 
 
 def _brute_force(train, train_labels, test, test_labels, k, T, num_classes):
@@ -121,3 +128,123 @@ def test_k_larger_than_the_train_set_is_reported_under_the_k_used(caplog):
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 2
     assert f"k=500 is larger than the {n} train samples" in warned[0]
+
+
+# --------------------------------------------------------------------------- ties, near-ties, device independence
+
+
+def _reference_counts(train, train_labels, test, test_labels, ks, T, num_classes):
+    """Plain-Python float64 k-NN: correctly rounded (``math.fsum``) cosine similarities snapped to the 2^-32 grid,
+    neighbours ordered by (similarity desc, index asc), classes by (votes desc, class asc); returns
+    ``{k: [top1_correct, top5_correct]}``."""
+    xs, qs = train.double().tolist(), test.double().tolist()
+    norms = [math.sqrt(math.fsum(v * v for v in x)) for x in xs]
+    out = {k: [0, 0] for k in ks}
+    for q, y in zip(qs, test_labels.tolist()):
+        qn = math.sqrt(math.fsum(v * v for v in q))
+        sims = [round(math.fsum(a * b for a, b in zip(q, x)) / (qn * n) * 2**32) / 2**32
+                for x, n in zip(xs, norms)]
+        order = sorted(range(len(xs)), key=lambda i: (-sims[i], i))
+        for k in ks:
+            votes = [0.0] * num_classes
+            for i in order[:k]:
+                votes[int(train_labels[i])] += math.exp(sims[i] / T)
+            ranked = sorted(range(num_classes), key=lambda c: (-votes[c], c))
+            out[k][0] += ranked[0] == y
+            out[k][1] += (y in ranked[:5] and votes[y] > 0) if num_classes >= 5 else 0
+    return out
+
+
+def _tie_bank(seed=0):
+    """float32 features full of exact ties and near-ties, the cases float32 similarities cannot rank.
+
+    * exact duplicates of train rows carrying *other* labels (exact similarity ties: the lowest index must win);
+    * copies with one component moved by 1 ulp (similarities ~1e-8 apart, below float32 resolution of ~6e-8);
+    * a collinear block, ``mean + 1e-5 * noise``, like a random ViT's CLS features (cosines 1 - 1e-10 apart);
+    queries are some train rows themselves, collinear ones and random ones. 7 classes.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(10, 16, generator=g)
+    labels = torch.randint(0, 7, (10,), generator=g)
+    dup = base[:6].clone()
+    dup_labels = (labels[:6] + 1 + torch.arange(6) % 3) % 7  # another class than the original
+    ulp = base[:6].clone()
+    ulp[:, 0] = torch.nextafter(ulp[:, 0], torch.full((6,), float("inf")))
+    ulp_labels = (labels[:6] + 4) % 7
+    mean = torch.randn(16, generator=g)
+    collinear = mean + 1e-5 * torch.randn(14, 16, generator=g)
+    col_labels = torch.randint(0, 7, (14,), generator=g)
+    train = torch.cat([dup, base, ulp, collinear])  # duplicates *before* their originals: index order matters
+    train_labels = torch.cat([dup_labels, labels, ulp_labels, col_labels])
+    test = torch.cat([base[:6], mean + 1e-5 * torch.randn(6, 16, generator=g), torch.randn(4, 16, generator=g)])
+    test_labels = torch.randint(0, 7, (16,), generator=g)
+    return train, train_labels, test, test_labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("perm_seed", [0, 1, 2])
+def test_ties_and_near_ties_equal_a_float64_reference(dtype, perm_seed):
+    """Any bank order, chunk size, query batch and dtype: the result equals the plain-Python float64 reference on the
+    same values (in the same order). The float32 k-NN this replaced got k=1 wrong here (ties decided by ``topk``)."""
+    train, train_labels, test, test_labels = _tie_bank()
+    perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(perm_seed))
+    train, train_labels = train[perm].to(dtype), train_labels[perm]
+    test = test.to(dtype)
+    ks = [1, 2, 3, 5, 9]
+    want = _reference_counts(train, train_labels, test, test_labels, ks, 0.07, 7)
+    for chunk, query_batch in ((1, 16), (5, 3), (7, 1), (1000, 256)):
+        got = knn_correct_counts(train, train_labels, test, test_labels, ks, 0.07, 7, query_batch, chunk)
+        assert {k: v.tolist() for k, v in got.items()} == want, (chunk, query_batch)
+
+
+def test_exact_ties_go_to_the_lowest_train_index():
+    """A query equal to a train row that is stored twice with different labels: the first copy is the neighbour."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    train = torch.cat([x, x[2:3], x[2:3]])  # rows 2, 5 and 6 are identical
+    for chunk in (1, 2, 3, 7):
+        sims, idx = topk_neighbours(x[2:3], train, k=3, train_chunk=chunk, train_scale=_inverse_row_norms(train))
+        assert idx.tolist() == [[2, 5, 6]], chunk
+        assert sims[0, 0] == sims[0, 1] == sims[0, 2]
+    labels = torch.tensor([0, 1, 2, 3, 4, 1, 3])
+    for first in (2, 1, 3):  # whichever class the lowest-index copy carries wins k=1
+        labels[2] = first
+        got = knn_correct_counts(train, labels, x[2:3], torch.tensor([first]), [1], 0.07, 5, train_chunk=2)
+        assert got[1][0] == 1
+
+
+def test_similarities_are_float64_whatever_the_matmul_precision_flags():
+    """The search computes in float64 (so TF32 / reduced-precision float32 matmuls cannot touch it) and its result
+    does not move when the global precision flags ask for the fastest float32 matmuls."""
+    train, train_labels, test, test_labels = _tie_bank(seed=1)
+    q = torch.nn.functional.normalize(test.double(), dim=1)
+    sims, idx = topk_neighbours(q, train, k=5, train_chunk=4, train_scale=_inverse_row_norms(train))
+    assert sims.dtype == torch.float64
+    ref = q @ torch.nn.functional.normalize(train.double(), dim=1).T
+    torch.testing.assert_close(sims, ref.gather(1, idx), rtol=0, atol=2.0**-32)  # float32 would be ~1e-7 off
+    before = knn_correct_counts(train, train_labels, test, test_labels, [1, 5], 0.07, 7, train_chunk=3)
+    old = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("medium")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        after = knn_correct_counts(train, train_labels, test, test_labels, [1, 5], 0.07, 7, train_chunk=3)
+    finally:
+        torch.set_float32_matmul_precision(old[0])
+        torch.backends.cuda.matmul.allow_tf32 = old[1]
+    assert {k: v.tolist() for k, v in after.items()} == {k: v.tolist() for k, v in before.items()}
+
+
+def test_equal_votes_go_to_the_lowest_class():
+    """k=2 with two exactly tied neighbours of classes 4 and 1: class 1 ranks first."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    train = torch.cat([x[:1], x[:1], x[1:]])
+    labels = torch.tensor([4, 1, 0, 2])
+    for target, top1 in ((1, 1), (4, 0)):
+        got = knn_correct_counts(train, labels, x[:1], torch.tensor([target]), [2], 0.07, 5)
+        assert got[2].tolist() == [top1, 1]
+
+
+def test_non_finite_features_are_one_clear_error():
+    train, train_labels, test, test_labels, _ = _data()
+    train[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="train features contain NaN or inf"):
+        knn_accuracy(train, train_labels, test, test_labels, [1])

@@ -2,13 +2,39 @@
 
 For a query ``q`` and train features ``x_i`` (all L2-normalised), the ``k`` most similar train samples by cosine
 similarity ``s_i = q . x_i`` vote for their class with weight ``exp(s_i / T)``; classes are ranked by total vote.
-One neighbour search (the largest ``k``) serves every ``k``: ``topk`` returns neighbours sorted by similarity,
-so the first ``k`` of the ``max(k)`` nearest are the ``k`` nearest.
+One neighbour search (the largest ``k``) serves every ``k``: neighbours come sorted, so the first ``k`` of the
+``max(k)`` nearest are the ``k`` nearest.
+
+The result is a function of the feature values alone, the same on the CPU and on CUDA, whatever the chunk sizes,
+the input dtype or the global matmul precision flags:
+
+* **Similarities in float64.** A product of two float32 (or bf16/fp16) numbers is exact in float64, so ranking errors
+  are ~1e-16, far below the ~6e-8 resolution of float32 features. A float32 similarity cannot rank them: the CLS
+  features of a randomly initialised ViT are collinear to ~1e-9 (cosine 0.999999998 ... 0.99999999999), so every
+  train sample ties with every other within float32 rounding and ``topk`` then picks by accident of kernel and tie
+  order -- 2 of 50 k=1 decisions flipped between an H200 and the CPU. float64 matmuls never use TF32 or reduced
+  precision, so ``torch.backends.cuda.matmul.allow_tf32`` and ``torch.set_float32_matmul_precision`` do not apply.
+* **Snapped to a grid of 2^-32 (~2.3e-10)** before ranking. Identical train features do *not* get identical float64
+  similarities from a matmul: a row's result depends on its position in the call (measured: 1 ulp, 2.2e-16, between
+  two copies of a row), so an exact tie would be decided by that noise. On the grid a tie splits only when a grid
+  boundary falls inside the ~1e-16 noise (probability ~1e-6 per tie), while the grid stays 256x finer than float32
+  resolution (2^-24): similarities closer than 2.3e-10 become ties, but no such difference is reproducible anyway
+  (the same image through the backbone on another device moves its similarities by ~1e-7).
+* **Exact ties go to the lowest train index**, the order ``(similarity desc, index asc)``, independent of how
+  ``topk`` orders equal values on a device. Classes with equal votes go to the lowest class index.
+* **Votes are summed neighbour by neighbour in rank order** (no atomic ``scatter_add``, whose order varies on CUDA).
+
+What this cannot do is make *different* features give the same neighbours: features that differ by ~1e-6 between
+devices (summation order in the backbone) flip any neighbour whose similarity margin is smaller than that. Rounding
+similarities (or features) to a coarser grid before ranking does not cure it: two values a distance ``d`` apart still
+straddle a grid boundary with probability ~``d / grid``, so flips only get rarer, while a grid coarse enough to matter
+creates false ties that are then decided by index instead of by similarity. The 2^-32 grid above is for float64
+noise only, far below any feature difference.
 
 Memory stays bounded: queries go in batches of ``query_batch`` and train features are scanned in chunks of
-``train_chunk``, keeping a running top-``max(k)``; no ``N_query x N_train`` similarity matrix is ever built.
-Across ranks every rank holds all train features and classifies its slice of the queries; correct counts are
-summed, so the result equals the single-process one.
+``train_chunk``, keeping a running top-``max(k)``; no ``N_query x N_train`` similarity matrix is ever built. The
+train features are upcast one chunk at a time. Across ranks every rank holds all train features and classifies its
+slice of the queries; correct counts are summed, so the result equals the single-process one.
 """
 
 from __future__ import annotations
@@ -30,40 +56,94 @@ logger = logging.getLogger(__name__)
 def topk_neighbours(
     queries: Tensor, train: Tensor, k: int, train_chunk: int = 65536, train_scale: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest similarities ``queries @ train.T`` per query, scanning ``train`` in chunks.
+    """The ``k`` largest similarities ``queries @ train.T`` per query, in float64, scanning ``train`` in chunks.
 
     Args: queries ``(Q, D)``, train ``(N, D)`` (both already normalised, or ``train_scale`` ``(N,)`` multiplies
-    column ``i`` of the similarities, e.g. ``1 / |train_i|``, so no normalised copy of ``train`` is needed).
-    Returns ``(sims (Q, k), index (Q, k))``, sorted by decreasing similarity. ``k`` is clipped to ``N``.
+    column ``i`` of the similarities, e.g. ``1 / |train_i|``, so no normalised copy of ``train`` is needed); any
+    float dtype, upcast to float64 chunk by chunk on ``queries``' device; similarities snapped to
+    ``SIMILARITY_GRID``. Returns ``(sims (Q, k) float64,
+    index (Q, k) int64)`` in the order (similarity desc, train index asc): among equal similarities the lowest train
+    index comes first, on every device and for every ``train_chunk``. ``k`` is clipped to ``N``.
     """
     k = min(k, train.shape[0])
-    best_sim = queries.new_full((queries.shape[0], 0), float("-inf"))
-    best_idx = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    q = queries.to(torch.float64)
+    best_sim = q.new_empty((q.shape[0], 0))
+    best_idx = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
     for start in range(0, train.shape[0], train_chunk):
-        chunk = train[start : start + train_chunk].to(queries.dtype)
-        sims = queries @ chunk.T
+        chunk = train[start : start + train_chunk].to(device=q.device, dtype=torch.float64)
+        sims = q @ chunk.T
         if train_scale is not None:
-            sims *= train_scale[start : start + chunk.shape[0]]
-        idx = torch.arange(start, start + chunk.shape[0], device=queries.device).expand_as(sims)
-        sims, idx = torch.cat([best_sim, sims], dim=1), torch.cat([best_idx, idx], dim=1)
-        best_sim, pos = sims.topk(min(k, sims.shape[1]), dim=1)
-        best_idx = idx.gather(1, pos)
-    return best_sim, best_idx
+            sims *= train_scale[start : start + chunk.shape[0]].to(device=q.device, dtype=torch.float64)
+        sims = snap_similarities(sims)
+        idx = torch.arange(start, start + chunk.shape[0], device=q.device).expand_as(sims)
+        # best_idx is kept in increasing index order, so every row of the concatenation is sorted by index
+        best_sim, best_idx = _top_k_lowest_index(torch.cat([best_sim, sims], 1), torch.cat([best_idx, idx], 1), k)
+    order = best_sim.sort(dim=1, descending=True, stable=True).indices  # stable: equal sims keep index order
+    return best_sim.gather(1, order), best_idx.gather(1, order)
+
+
+SIMILARITY_GRID = 2.0**-32
+
+
+def snap_similarities(sims: Tensor) -> Tensor:
+    """float64 similarities rounded to the nearest multiple of ``SIMILARITY_GRID`` (exact float64 operations for
+    ``|sims| <= 2^20``), so float64 matmul noise (~1e-16) does not decide exact ties; any shape."""
+    return torch.round(sims * (1.0 / SIMILARITY_GRID)) * SIMILARITY_GRID
+
+
+def _top_k_lowest_index(sims: Tensor, idx: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` entries of each row that come first by (similarity desc, index asc), in their row order.
+
+    ``sims`` and ``idx`` are ``(Q, M)`` with every row of ``idx`` increasing; returns ``(Q, min(k, M))`` each, still
+    in increasing index order. ``topk`` alone would pick an arbitrary subset of the values equal to the k-th largest;
+    here every value above it is kept and, of those equal to it, the ones with the lowest indices (a cumulative count
+    along the index-sorted row).
+    """
+    k = min(k, sims.shape[1])
+    if k == 0:
+        return sims[:, :0], idx[:, :0]
+    kth = sims.topk(k, dim=1).values[:, -1:]
+    above = sims > kth
+    tied = sims == kth
+    keep = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    pos = keep.nonzero()[:, 1].view(sims.shape[0], k)  # row-major: each row's positions in increasing order
+    return sims.gather(1, pos), idx.gather(1, pos)
 
 
 def _inverse_row_norms(x: Tensor, eps: float = 1e-12, chunk: int = 65536) -> Tensor:
-    """``1 / max(|x_i|, eps)`` per row in float32 (as ``F.normalize``), computed chunk by chunk."""
-    norms = torch.cat([x[i : i + chunk].float().norm(dim=1) for i in range(0, x.shape[0], chunk)])
+    """``1 / max(|x_i|, eps)`` per row in float64 (as ``F.normalize``), computed chunk by chunk; ``(N,)``."""
+    norms = torch.cat([x[i : i + chunk].double().norm(dim=1) for i in range(0, x.shape[0], chunk)])
     return 1.0 / norms.clamp_min(eps)
 
 
 def weighted_votes(sims: Tensor, labels: Tensor, num_classes: int, temperature: float) -> Tensor:
-    """Class scores ``(Q, C)``: ``sum over neighbours of exp(sim / T)`` into each neighbour's class.
+    """Class scores ``(Q, C)`` float64: ``sum over neighbours of exp(sim / T)`` into each neighbour's class.
 
-    ``sims (Q, k)`` and ``labels (Q, k)`` are the neighbours' similarities and classes.
+    ``sims (Q, k)`` and ``labels (Q, k)`` are the neighbours' similarities and classes, nearest first. The sum runs
+    neighbour by neighbour in that order (each step adds to one class per row), so it is the same on every device;
+    an atomic ``scatter_add_`` on CUDA adds in a varying order.
     """
-    votes = sims.new_zeros((sims.shape[0], num_classes))
-    return votes.scatter_add_(1, labels, torch.exp(sims / temperature))
+    return _cumulative_votes(sims, labels, num_classes, temperature, [sims.shape[1]])[sims.shape[1]]
+
+
+def _cumulative_votes(sims: Tensor, labels: Tensor, num_classes: int, temperature: float,
+                      ks: Sequence[int]) -> dict[int, Tensor]:
+    """``{k: weighted_votes of the first k neighbours}`` for every ``k`` in ``ks``, in one pass over the columns."""
+    weights = torch.exp(sims.double() / temperature)
+    votes = weights.new_zeros((sims.shape[0], num_classes))
+    rows = torch.arange(sims.shape[0], device=sims.device)
+    out = {}
+    for j in range(max(ks)):
+        votes.index_put_((rows, labels[:, j]), weights[:, j], accumulate=True)
+        if j + 1 in ks:
+            out[j + 1] = votes.clone()
+    return out
+
+
+def _check_finite(features: Tensor, what: str) -> None:
+    if features.is_floating_point() and not bool(torch.isfinite(features).all()):
+        raise ValueError(f"k-NN: the {what} features contain NaN or inf; the backbone produced non-finite features "
+                         "(check the checkpoint and run the evaluation with --autocast none)")
 
 
 def knn_correct_counts(
@@ -76,28 +156,38 @@ def knn_correct_counts(
     num_classes: int | None = None,
     query_batch: int = 256,
     train_chunk: int = 65536,
+    device: torch.device | str | None = None,
 ) -> dict[int, Tensor]:
     """Per ``k``: ``tensor([top1_correct, top5_correct])`` over these queries (top-5 counts 0 when ``C < 5``).
 
     A top-5 hit needs the true class among the 5 highest-voted classes *and* at least one vote (with ``k < 5``
     fewer than 5 classes get votes; the reference implementations then count arbitrary zero-vote classes).
 
-    Features are L2-normalised here; ``train_features (N, D)``, ``test_features (Q, D)``, labels int64. The train
-    matrix is never copied (its inverse row norms scale the similarities), so peak memory stays near the size of
-    the features plus one ``query_batch x train_chunk`` block.
+    Features are L2-normalised here (in float64); ``train_features (N, D)``, ``test_features (Q, D)`` of any float
+    dtype, labels int64. The search runs on ``device`` (default: ``test_features``' device); the train matrix is
+    moved there once in its own dtype and never normalised as a copy (its inverse row norms scale the similarities),
+    so peak memory stays near the size of the features plus one ``query_batch x train_chunk`` float64 block and one
+    float64 ``train_chunk x D`` chunk. The counts (CPU int64) do not depend on the device (see the module docstring).
     """
+    _check_finite(train_features, "train")
+    _check_finite(test_features, "test")
+    device = torch.device(device) if device is not None else test_features.device
     num_classes = int(num_classes or int(train_labels.max()) + 1)
+    train_features, train_labels = train_features.to(device), train_labels.to(device)
     train_scale = _inverse_row_norms(train_features)
-    test = F.normalize(test_features.float(), dim=1)
     max_k = max(ks)
     counts = {k: torch.zeros(2, dtype=torch.long) for k in ks}
-    for start in range(0, test.shape[0], query_batch):
-        q, target = test[start : start + query_batch], test_labels[start : start + query_batch]
+    for start in range(0, test_features.shape[0], query_batch):
+        q = F.normalize(test_features[start : start + query_batch].to(device, torch.float64), dim=1)
+        target = test_labels[start : start + query_batch].to(device)
         sims, idx = topk_neighbours(q, train_features, max_k, train_chunk, train_scale)
-        neighbour_labels = train_labels[idx]
+        all_votes = _cumulative_votes(sims, train_labels[idx], num_classes, temperature,
+                                      sorted({min(k, sims.shape[1]) for k in ks}))
         for k in ks:
-            votes = weighted_votes(sims[:, :k], neighbour_labels[:, :k], num_classes, temperature)
-            top_votes, ranked = votes.topk(min(5, num_classes), dim=1)
+            votes = all_votes[min(k, sims.shape[1])]
+            # stable: among classes with equal votes the lowest class index ranks first
+            top_votes, ranked = votes.sort(dim=1, descending=True, stable=True)
+            top_votes, ranked = top_votes[:, :5], ranked[:, :5]
             hit = (ranked == target[:, None]) & (top_votes > 0)  # a class no neighbour voted for never counts
             counts[k][0] += int(hit[:, 0].sum())
             counts[k][1] += int(hit.any(dim=1).sum()) if num_classes >= 5 else 0
@@ -114,11 +204,13 @@ def knn_accuracy(
     num_classes: int | None = None,
     query_batch: int = 256,
     train_chunk: int = 65536,
+    device: torch.device | str | None = None,
 ) -> dict[int, dict[str, float]]:
     """Weighted k-NN top-1 (and top-5 when there are >= 5 classes) accuracy in percent, for every ``k``.
 
     Every rank passes the same (full) tensors; each classifies its slice of the queries and the correct counts
-    are summed over ranks, so every rank returns the single-process result.
+    are summed over ranks, so every rank returns the single-process result. The search runs on ``device``
+    (default: ``test_features``' device) and gives the same result on any device (module docstring).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -126,7 +218,7 @@ def knn_accuracy(
     mine = shard_range(test_features.shape[0], get_rank(), get_world_size())
     counts = knn_correct_counts(
         train_features, train_labels, test_features[mine.start : mine.stop], test_labels[mine.start : mine.stop],
-        ks, temperature, num_classes, query_batch, train_chunk,
+        ks, temperature, num_classes, query_batch, train_chunk, device,
     )
     total = test_features.shape[0]
     results: dict[int, dict[str, float]] = {}
@@ -147,7 +239,7 @@ def backbone_knn_top1(
     feats = [extract_features(model, ds, batch_size, n_last_blocks=1, device=device, desc=f"{desc} {name}")
              for ds, name in ((train, "train"), (val, "val"))]
     acc = knn_accuracy(feats[0]["cls"][:, -1], feats[0]["labels"], feats[1]["cls"][:, -1], feats[1]["labels"],
-                       ks=ks, temperature=temperature, num_classes=len(train.classes))
+                       ks=ks, temperature=temperature, num_classes=len(train.classes), device=device)
     return {k: acc[k]["top1"] for k in ks}
 
 
@@ -176,12 +268,14 @@ def knn_few_shot(
     n_per_class_list: Sequence[int] = (-1,),
     n_tries: int = 1,
     train_chunk: int = 65536,
+    device: torch.device | str | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """k-NN accuracy for every ``n_per_class`` (-1 = the full train set) and ``k``, averaged over ``n_tries`` draws.
 
     Returns ``{"all" | "<n>-shot": {"k=<k>": {"top1", "top1_std", ["top5", "top5_std"]}}}`` (percent; std over
     tries, 0 for one try). Try ``t`` draws its subset with seed ``t``. A ``k`` larger than the (subset's) train set
     is reported under the ``k`` actually used, the train set's size, with ``"k_requested"``, and warned about.
+    The search runs on ``device`` (default: ``test_features``' device).
     """
     num_classes = int(train_labels.max()) + 1
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -190,7 +284,8 @@ def knn_few_shot(
         subsets = [few_shot_indices(train_labels, n, seed=t) for t in range(tries)]
         used = _usable_ks(ks, min(len(idx) for idx in subsets), "all" if n < 0 else f"{n}-shot")
         runs = [knn_accuracy(train_features[idx], train_labels[idx], test_features, test_labels, sorted(set(used)),
-                             temperature, num_classes, train_chunk=train_chunk) for idx in subsets]
+                             temperature, num_classes, train_chunk=train_chunk, device=device)
+                for idx in subsets]
         per_k: dict[str, dict[str, float]] = {}
         for k, k_used in zip(ks, used):
             entry: dict[str, float] = {}

@@ -114,7 +114,8 @@ def run_knn(args: argparse.Namespace) -> int:
     train_f = _features(model, info, train, args, device, dtype, "train features")
     val_f = _features(model, info, val, args, device, dtype, "val features")
     results = knn_few_shot(train_f["cls"][:, -1], train_f["labels"], val_f["cls"][:, -1], val_f["labels"],
-                           args.nb_knn, args.temperature, args.n_per_class_list, args.n_tries, args.train_chunk)
+                           args.nb_knn, args.temperature, args.n_per_class_list, args.n_tries, args.train_chunk,
+                           device)
     payload = {"task": "knn", **_common_payload(args, info, train, val), "temperature": args.temperature,
                "nb_knn": list(args.nb_knn), "n_tries": args.n_tries, "results": results}
     _write_json(Path(args.output_dir) / KNN_RESULTS, payload)

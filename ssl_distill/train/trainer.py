@@ -108,8 +108,12 @@ def augmentation_probabilities(cfg: DictConfig) -> dict[str, float]:
 
 
 def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: int,
-                       pin_memory: bool) -> torch.utils.data.DataLoader:
-    """Seeded multi-crop samples of ``dataset``, this rank's share, from global ``start_position`` on."""
+                       pin_memory: bool, timeout_s: float = 0.0) -> torch.utils.data.DataLoader:
+    """Seeded multi-crop samples of ``dataset``, this rank's share, from global ``start_position`` on.
+
+    ``timeout_s > 0`` (with workers): a batch that takes longer raises ``RuntimeError("DataLoader timed out ...")``
+    instead of waiting forever (the benchmarks bound themselves with it; training waits, as a slow file system may
+    legitimately stall)."""
     c = cfg.crops
     augmentation = MultiCropAugmentation(
         tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
@@ -130,7 +134,7 @@ def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: i
         SeededMultiCropDataset(dataset, augmentation, cfg.train.seed), batch_size=cfg.train.batch_size_per_gpu,
         sampler=sampler, num_workers=workers, collate_fn=collator, pin_memory=pin_memory, drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_worker_ignores_ctrl_c if workers > 0 else None,
+        worker_init_fn=_worker_ignores_ctrl_c if workers > 0 else None, timeout=timeout_s if workers > 0 else 0.0,
     )
 
 
