@@ -10,6 +10,9 @@
 #   cuda_tests  pytest -m cuda: attention kernels vs math, bf16 vs fp32 step, FSDP2 vs DDP, SIGKILL + resume, eval-knn
 #   step_vits14 / step_vitb14 / step_vitl14   benchmarks/train_step.py, bf16, 2 x 224 + 8 x 98 crops, vs lightly + timm
 #   data_loader the training DataLoader with 4/8/12 workers against the steps' images/s
+#   drop_path   stochastic depth run on the kept subset vs as a mask, rates 0.1/0.3/0.4 (drop_path_mode=auto's rule)
+#   train_e2e   ssl-distill train, ViT-S/14 default config, 100 iterations on JPEGs, against the step benchmark
+#   (step_vits14 also traces 3 steps with torch.profiler: profile_*.txt, top CPU/CUDA ops and launches per step)
 #   step_vitl14_compile                       the ViT-L/14 step with torch.compile per block vs eager (last: the
 #                                             riskiest; it gets what is left of the budget, at most its limit)
 # Results: DIR (default $OUT, else benchmarks/results/gpu_check) gets gpu_check.json (every step's status, time and
@@ -47,6 +50,7 @@ SITE="$WORK/site" XSITE="$WORK/site-xformers"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 report() {
+  cp "$WORK"/profile_*.txt "$OUT_DIR"/ 2>/dev/null
   "$PY" benchmarks/gpu_check_report.py --work "$WORK" --out "$OUT_DIR" --budget-s "$BUDGET" \
     --elapsed-s $((SECONDS - START)) $([ "$DRY" = 1 ] && echo --dry-run) >> "$LOG" 2>&1
 }
@@ -116,12 +120,12 @@ large_variants=(default math no_packed checkpointing)
 if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU, same scripts and options otherwise
   ts=(benchmarks/train_step.py --out-dir "$WORK" --device cpu --precision bf16 --patch-size 8 --global-size 32
       --local-size 16 --local-crops 2 --prototypes 64 --batch 2 --warmup 0 --repeats 1 --arch vit_tiny)
-  step step_vits14 300 "dry: vit_tiny" "$PY" "${ts[@]}" --variants default no_packed --tag vits14
+  step step_vits14 300 "dry: vit_tiny" "$PY" "${ts[@]}" --variants default no_packed --tag vits14 --profile 1
   step step_vitb14 300 "dry: vit_tiny" "$PY" "${ts[@]}" --variants default --tag vitb14
   step step_vitl14 300 "dry: vit_tiny" "$PY" "${ts[@]}" --variants "${large_variants[@]}" --tag vitl14
 else
-  step step_vits14 40 "batch 64" "$PY" "${ts[@]}" --device cuda --arch vit_small --batch 64 --repeats 10 \
-    --budget-s 25 --variants default no_packed --tag vits14
+  step step_vits14 50 "batch 64, profiled" "$PY" "${ts[@]}" --device cuda --arch vit_small --batch 64 --repeats 10 \
+    --budget-s 25 --variants default no_packed --tag vits14 --profile 3
   step step_vitb14 45 "batch 64" "$PY" "${ts[@]}" --device cuda --arch vit_base --batch 64 --repeats 10 \
     --budget-s 30 --variants default no_packed --tag vitb14
   step step_vitl14 75 "batch 32" "$PY" "${ts[@]}" --device cuda --arch vit_large --batch 32 --repeats 8 \
@@ -140,6 +144,26 @@ else
     --device cuda --workers 4 8 12 --batch 64 --warmup-s 2 --seconds 7 --budget-s 24 --batch-timeout-s 20 \
     --out-dir "$WORK" \
     --step-json ${step_json[@]+"${step_json[@]}"}
+fi
+
+# --- 4. stochastic depth: subset vs mask at the recipe's rates (what student.drop_path_mode=auto should pick)
+if [ "$DRY" = 1 ]; then
+  step drop_path 200 "dry: vit_tiny" "$PY" benchmarks/drop_path.py --device cpu --arch vit_tiny --patch-size 8 \
+    --global-size 32 --local-size 16 --n-local 2 --batch 2 --repeats 1 --out-dir "$WORK"
+else
+  step drop_path 40 "ViT-S/14, batch 64, bf16" "$PY" benchmarks/drop_path.py --device cuda --arch vit_small \
+    --patch-size 14 --local-size 98 --batch 64 --dtype bf16 --repeats 10 --budget-s 30 --out-dir "$WORK"
+fi
+
+# --- 5. end to end: ssl-distill train on JPEGs against the step benchmark (within 10 %?)
+if [ "$DRY" = 1 ]; then
+  step train_e2e 300 "dry: tiny config" "$PY" benchmarks/train_e2e.py --config configs/tiny_cpu.yaml \
+    --arch vit_tiny --device cpu --batch 4 --workers 0 --iterations 6 --log-period 2 --images 16 \
+    --image-size 64 48 --out-dir "$WORK" --step-json ${step_json[@]+"${step_json[@]}"}
+else
+  step train_e2e 100 "ViT-S/14 default config, batch 64, 14 workers, 100 iterations" "$PY" \
+    benchmarks/train_e2e.py --device cuda --iterations 100 --workers 14 --images 1000 --timeout 90 \
+    --out-dir "$WORK" --step-json ${step_json[@]+"${step_json[@]}"}
 fi
 
 # --- 2b. last, as the longest and least predictable: torch.compile per block vs eager (its first compilation

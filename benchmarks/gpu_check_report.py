@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-MFU_TARGET, SPEEDUP_TARGET = 0.45, 1.3
+MFU_TARGET, SPEEDUP_TARGET, E2E_TARGET = 0.45, 1.3, 0.9  # issue 25: MFU, ours vs lightly + timm, train vs step
 
 
 def _read_json(path: Path) -> Any:
@@ -57,7 +57,8 @@ def read_junit(path: Path) -> dict[str, Any] | None:
     return {**counts, "tests": tests}
 
 
-def targets(tests: dict[str, Any] | None, train_step: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(tests: dict[str, Any] | None, train_step: dict[str, Any], e2e: dict[str, Any] | None = None
+            ) -> list[dict[str, Any]]:
     """The acceptance targets with the measured value and whether each is met (None: not measured)."""
     rows = []
     ok = None if tests is None else tests["failed"] == 0 and tests["error"] == 0 and tests["passed"] > 0
@@ -74,6 +75,11 @@ def targets(tests: dict[str, Any] | None, train_step: dict[str, Any]) -> list[di
         rows.append({"target": f"{arch}: ours >= {SPEEDUP_TARGET}x lightly + timm",
                      "value": None if speedup is None else f"{speedup:.2f}x", "met": None if speedup is None
                      else speedup >= SPEEDUP_TARGET})
+    for row in (e2e or {}).get("rows", []):
+        ratio = row.get("e2e_vs_step")
+        rows.append({"target": f"{row['arch']}: ssl-distill train >= {E2E_TARGET:.0%} of the step benchmark",
+                     "value": None if ratio is None else f"{ratio:.0%}", "met": None if ratio is None
+                     else ratio >= E2E_TARGET})
     return rows
 
 
@@ -115,6 +121,18 @@ def markdown(report: dict[str, Any]) -> str:
         if loader.get("feed"):
             lines += [""] + _table(loader["feed"], ["arch", "step_img_per_s", "loader_workers", "loader_img_per_s",
                                                     "feed_ratio", "workers_needed"])
+    drop = report.get("drop_path")
+    if drop:
+        lines += ["", "## Stochastic depth: subset vs mask", ""] + _table(drop["rows"], [
+            "rate", "no_drop_s", "subset_s", "mask_s", "subset_vs_mask", "faster", "auto"])
+    e2e = report.get("train_e2e")
+    if e2e:
+        lines += ["", "## End to end: ssl-distill train", ""] + _table(e2e["rows"], [
+            "arch", "batch", "workers", "iterations", "images_per_s", "data_time_ms", "step_img_per_s",
+            "e2e_vs_step", "peak_memory_gib"])
+    profiles = sorted(report.get("profiles", []))
+    if profiles:
+        lines += ["", "Profiles (top operations per step): " + ", ".join(f"`{p}`" for p in profiles)]
     lines += ["", "## Targets", ""] + _table(report["targets"], ["target", "value", "met"])
     return "\n".join(lines) + "\n"
 
@@ -123,10 +141,13 @@ def build(work: Path, dry_run: bool, budget_s: int, elapsed_s: int) -> dict[str,
     train_step = {p.stem.removeprefix("train_step_"): _read_json(p) for p in sorted(work.glob("train_step_*.json"))}
     train_step = {k: v for k, v in train_step.items() if v}
     tests = read_junit(work / "pytest.xml")
+    e2e = _read_json(work / "train_e2e.json")
     return {"dry_run": dry_run, "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "budget_s": budget_s, "elapsed_s": elapsed_s, "steps": read_steps(work), "env": _read_json(work /
             "env.json"), "cuda_tests": tests, "train_step": train_step,
-            "data_loader": _read_json(work / "data_loader.json"), "targets": targets(tests, train_step)}
+            "data_loader": _read_json(work / "data_loader.json"), "drop_path": _read_json(work / "drop_path_cuda.json")
+            or _read_json(work / "drop_path_cpu.json"), "train_e2e": e2e,
+            "profiles": [p.name for p in work.glob("profile_*.txt")], "targets": targets(tests, train_step, e2e)}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from _common import (  # noqa: E402
     matmul_peak_flops,
     median,
     print_table,
+    sync,
     time_alternating,
     write_json,
 )
@@ -196,6 +197,8 @@ def bench_arch(args: argparse.Namespace, arch: str, device: torch.device, amp: t
     one_round = time.perf_counter() - t0  # about one step of each: kept back for the peak-memory pass
     times = time_alternating({n: (lambda s=s: s(batch)) for n, s in steps.items()}, args.repeats, device,
                              warmup=args.warmup, deadline=None if deadline is None else deadline - one_round)
+    if args.profile:
+        profile_steps(args, arch, steps, batch, device)
     mem = {}
     for name, step in steps.items():
         gc.collect()
@@ -221,6 +224,36 @@ def bench_arch(args: argparse.Namespace, arch: str, device: torch.device, amp: t
     return rows
 
 
+def profile_steps(args: argparse.Namespace, arch: str, steps: dict[str, Any], batch: dict[str, Any],
+                  device: torch.device) -> None:
+    """``--profile N``: N steps of every implementation under ``torch.profiler``; the top operations by self CPU
+    time and (on CUDA) by self device time, and the kernel launches per step, go to
+    ``profile_<arch>_<impl>.txt`` beside the JSON, so a check's output explains where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / "results"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, step in steps.items():
+        step(batch)  # warm: plans and caches are made outside the trace
+        with profile(activities=activities) as prof:
+            for _ in range(args.profile):
+                step(batch)
+            sync(device)
+        table = prof.key_averages()
+        lines = [f"{arch} {name}: {args.profile} steps, batch {args.batch}, device {device}"]
+        if device.type == "cuda":
+            launches = sum(e.count for e in table if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                                "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+            syncs = sum(e.count for e in table if "Synchronize" in e.key)
+            lines.append(f"kernel launches per step: {launches / args.profile:.0f}; synchronisations per step: "
+                         f"{syncs / args.profile:.1f}")
+            lines.append(table.table(sort_by="self_cuda_time_total", row_limit=25))
+        lines.append(table.table(sort_by="self_cpu_time_total", row_limit=25))
+        path = out_dir / f"profile_{arch}_{name.replace('/', '_').replace('+', '_')}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}", flush=True)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["vit_small", "vit_base"], help="backbones to benchmark")
@@ -243,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--no-baseline", action="store_true", help="time our variants only (no lightly + timm step)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also trace N steps of each implementation with torch.profiler (profile_*.txt)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="time box of the whole run: the timed rounds stop early (after at least one) to end in it")
     return p.parse_args(argv)

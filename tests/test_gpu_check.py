@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ["wheels", "env", "cuda_tests", "step_vits14", "step_vitb14", "step_vitl14", "data_loader",
-         "step_vitl14_compile"]
+STEPS = ["wheels", "env", "cuda_tests", "step_vits14", "step_vitb14", "step_vitl14", "data_loader", "drop_path",
+         "train_e2e", "step_vitl14_compile"]
 
 
 @pytest.mark.slow
@@ -55,6 +55,15 @@ def test_gpu_check_dry_run(tmp_path: Path) -> None:
     assert [r["workers"] for r in loader["rows"]] == [0, 2]
     assert all(r["images_per_s"] > 0 for r in loader["rows"])
     assert {f["arch"] for f in loader["feed"]} == {"vit_tiny"}
+    assert [r["rate"] for r in report["drop_path"]["rows"]] == [0.1, 0.3, 0.4]
+    assert all(r["subset_s"] > 0 and r["mask_s"] > 0 and r["auto"] == "subset" for r in report["drop_path"]["rows"])
+    e2e = report["train_e2e"]["rows"][0]
+    assert e2e["arch"] == "vit_tiny"
+    assert e2e["images_per_s"] > 0
+    assert e2e["step_img_per_s"] > 0
+    assert any(t["target"].startswith("vit_tiny: ssl-distill train") for t in report["targets"])
+    assert report["profiles"]  # the profiled step's traces are in the output
+    assert all((tmp_path / name).read_text().count("Self CPU") >= 1 for name in report["profiles"])
     assert [t["target"] for t in report["targets"]][:2] == ["every CUDA test passes", "ViT-L/14 bf16 MFU >= 45%"]
     assert report["targets"][0]["met"] is True
     assert "## Targets" in (tmp_path / "gpu_check.md").read_text()
