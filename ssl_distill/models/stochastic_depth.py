@@ -137,6 +137,9 @@ class DropPlan:
                       for s, c in counts.items()}  # stream -> (table, row)
         # The layout of a subset branch's gathered rows: K_i samples of every batch (static, whatever the draw).
         self.sub_layouts = {s: [(k, n) for k, (_, n) in zip(c, self.layout)] for s, c in counts.items()}
+        # One scale for every batch (B_i / K_i all equal): the kept rows are added with a scalar, no per-row scale.
+        alphas = {s: {b / k if rates[s] < 1.0 else 0.0 for (b, _), k in zip(self.layout, c)} for s, c in counts.items()}
+        self.scalar_alpha = {s: a.pop() if len(a) == 1 else None for s, a in alphas.items()}
         self.kept_tables, self.scale = self._draw(keys)
 
     def _draw(self, keys: Tensor | None) -> tuple[list[Tensor], Tensor]:
@@ -256,6 +259,9 @@ class DropPlan:
         """``x`` with ``scale * h`` added to the kept samples' rows (``h``: the branch output of :meth:`gather`)."""
         t, row = self.where[stream]
         rows, samples = self._subset_rows[t]
+        alpha = self.scalar_alpha[stream]
+        if alpha is not None:
+            return x.index_add(0, rows[row], h.to(x.dtype), alpha=alpha)
         scale = self._scale(stream)[samples[row]].to(x.dtype)
         return x.index_add(0, rows[row], h.to(x.dtype) * scale.view(-1, *([1] * (x.ndim - 1))))
 
