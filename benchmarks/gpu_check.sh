@@ -115,8 +115,8 @@ fi
 
 # --- 2. train step: ours vs lightly + timm, and our variants
 ts=(benchmarks/train_step.py --out-dir "$WORK" --patch-size 14 --local-size 98 --precision bf16 --warmup 2)
-large_variants=(default math no_packed checkpointing)
-[ "$XF" = 1 ] && large_variants=(default sdpa xformers math no_packed checkpointing)
+large_variants=(default flash cudnn efficient math no_packed checkpointing)  # SDPA backends forced: which suits?
+[ "$XF" = 1 ] && large_variants=(default sdpa xformers flash cudnn efficient math no_packed checkpointing)
 if [ "$DRY" = 1 ]; then  # tiny sizes on the CPU, same scripts and options otherwise
   ts=(benchmarks/train_step.py --out-dir "$WORK" --device cpu --precision bf16 --patch-size 8 --global-size 32
       --local-size 16 --local-crops 2 --prototypes 64 --batch 2 --warmup 0 --repeats 1 --arch vit_tiny)

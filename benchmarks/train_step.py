@@ -26,6 +26,7 @@ Writes ``benchmarks/results/train_step_<device>.json``. Needs ``pip install -e '
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,6 +66,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "math": {"attn_impl": "math"},
     "compile": {"compile": True},
     "checkpointing": {"checkpointing": True},
+    # SDPA with one backend forced (CUDA: which kernel suits the recipe's shapes; "default" lets PyTorch choose)
+    "flash": {"attn_impl": "sdpa", "sdpa_backend": "FLASH_ATTENTION"},
+    "efficient": {"attn_impl": "sdpa", "sdpa_backend": "EFFICIENT_ATTENTION"},
+    "cudnn": {"attn_impl": "sdpa", "sdpa_backend": "CUDNN_ATTENTION"},
 }
 
 
@@ -118,13 +124,16 @@ class OursStep:
         self.opt = build_optimizer(groups, (0.9, 0.999), device)
         for g in self.opt.param_groups:
             g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
+        backend = variant.get("sdpa_backend")
+        self.kernel = (lambda: sdpa_kernel(getattr(SDPBackend, backend))) if backend else contextlib.nullcontext
 
     def _build_arch(self, cfg: Any) -> Any:
         return SSLMetaArch(cfg)
 
     def __call__(self, batch: dict[str, Any]) -> None:
         self.opt.zero_grad(set_to_none=True)
-        self.meta.forward_backward(batch, teacher_temp=0.07)
+        with self.kernel():
+            self.meta.forward_backward(batch, teacher_temp=0.07)
         self.meta.clip_gradients(3.0)
         self.opt.step()
         self.meta.update_teacher(0.994)
@@ -192,6 +201,12 @@ def bench_arch(args: argparse.Namespace, arch: str, device: torch.device, amp: t
     """Baseline and every requested variant of our step for one architecture; rows of the result table."""
     batch = make_batch(args)
     steps, baseline_missing = build_steps(args, arch, device, amp)
+    for name in [n for n in steps if VARIANTS.get(n.split("/")[-1], {}).get("sdpa_backend")]:
+        try:  # a forced SDPA backend may have no kernel for these shapes, dtype or device: drop it, keep the rest
+            steps[name](batch)
+        except RuntimeError as err:
+            print(f"{name}: not available here ({str(err).strip().splitlines()[0][:200]})", flush=True)
+            del steps[name]
     t0 = time.perf_counter()
     flops = model_flops(steps, batch)
     one_round = time.perf_counter() - t0  # about one step of each: kept back for the peak-memory pass
