@@ -1,4 +1,4 @@
-"""The house's floors (DESIGN.md): lower packages never import upper ones, no import cycle, one command registry."""
+"""The house's floors (docs/ARCHITECTURE.md): lower packages never import upper ones, no import cycle, one registry."""
 
 from __future__ import annotations
 

@@ -130,4 +130,4 @@ class MaskingGenerator:
         return mask
 
 
-BlockMaskGenerator = MaskingGenerator  # the name DESIGN.md uses
+BlockMaskGenerator = MaskingGenerator  # the same generator under a descriptive name (block masking)

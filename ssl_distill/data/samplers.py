@@ -18,7 +18,7 @@ of samples. This sampler defines that stream once, independently of how many pro
 
 DINOv2's ``InfiniteSampler`` instead draws successive permutations from one generator, so resuming either
 replays the stream from the start or restarts it; this is the "data order on resume" difference noted in
-DESIGN.md.
+README ("Intentional differences from the reference implementation").
 """
 
 from __future__ import annotations
