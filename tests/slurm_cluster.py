@@ -37,8 +37,14 @@ class ClusterUnavailable(RuntimeError):
     """Slurm cannot be provided here; the message says why (the tests skip with it)."""
 
 
+def _path_with_sbin() -> str:
+    """``PATH`` plus the daemons' directories (``/usr/sbin``, ``/sbin``), which a non-login PATH may lack."""
+    path = os.environ.get("PATH", "")
+    return ":".join([path, *(d for d in ("/usr/sbin", "/sbin") if d not in path.split(":"))])
+
+
 def _missing_binaries() -> list[str]:
-    return [b for b in BINARIES if shutil.which(b, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None]
+    return [b for b in BINARIES if shutil.which(b, path=_path_with_sbin()) is None]
 
 
 def ensure_installed(timeout_s: float = 900) -> None:
@@ -71,7 +77,8 @@ def _free_port() -> int:
 
 def _node_line() -> str:
     """This machine's layout from ``slurmd -C``, renamed to ``localhost``."""
-    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, timeout=30, check=True,
+                         env={**os.environ, "PATH": _path_with_sbin()}).stdout
     line = next(ln for ln in out.splitlines() if ln.startswith("NodeName="))
     fields = [f for f in line.split() if not f.startswith("NodeName=")]
     return " ".join(["NodeName=localhost", "NodeAddr=127.0.0.1", *fields, "State=UNKNOWN"])
@@ -90,7 +97,7 @@ class SlurmCluster:
         self.conf = root / "etc" / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket"
         self.db_socket = root / "mysql" / "mysqld.sock"
-        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.env = {**os.environ, "PATH": _path_with_sbin(), "SLURM_CONF": str(self.conf)}
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     # -- clients -------------------------------------------------------------------------------------------------
@@ -170,7 +177,8 @@ class SlurmCluster:
 
     def _start_munge(self) -> None:
         key = self.root / "etc" / "munge.key"
-        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30)
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30,
+                       env=self.env)
         key.chmod(0o400)
         m = self.root / "munge"
         self._spawn("munged", ["munged", "-F", f"--socket={self.munge_socket}", f"--key-file={key}",
@@ -182,7 +190,7 @@ class SlurmCluster:
         data = self.root / "db"
         subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={data}", "--user=root",
                         "--skip-test-db", "--auth-root-authentication-method=socket"],
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=120, env=self.env)
         self._spawn("mariadbd", ["mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={self.db_socket}",
                                  "--skip-networking", "--user=root", f"--pid-file={self.root / 'mysql' / 'pid'}",
                                  f"--log-error={self.root / 'log' / 'mariadb.log'}",
