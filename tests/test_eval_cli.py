@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -96,3 +97,28 @@ def test_val_labels_follow_train_classes(tmp_path, digits_dirs):
     tr, va = load_labelled_datasets(str(train), str(subset), None, None)
     assert sorted(set(va.targets)) == [2, 9]
     assert va.classes == tr.classes
+
+
+def _small_tree(src, dst, classes):
+    for name in classes:
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+def test_a_file_name_that_is_not_utf8_is_evaluated(tmp_path, digits_dirs):
+    """Issue 26 item 9: one non-UTF-8 file name crashed both evaluations in the dataset fingerprint."""
+    train, val = digits_dirs
+    small_train = _small_tree(train, tmp_path / "train", ["0", "1"])
+    small_val = _small_tree(val, tmp_path / "val", ["0", "1"])
+    first = sorted(os.listdir(small_train / "0"))[0]
+    os.rename(os.fsencode(small_train / "0" / first), os.fsencode(small_train / "0") + b"/caf\xe9_\xff.png")
+    assert any("\udcff" in name for name in os.listdir(small_train / "0"))  # really not UTF-8
+    args = [a if a not in (str(train), str(val)) else str(small_train if a == str(train) else small_val)
+            for a in _common(digits_dirs, tmp_path / "out")]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval-knn", *args, *cache, "--nb-knn", "1", "--n-tries", "1"]) == 0
+    assert main(["eval-linear", *args, *cache, "--epochs", "1", "--learning-rates", "0.1",
+                 "--precomputed-features"]) == 0
+    for name in ("results_eval_knn.json", "results_eval_linear.json"):
+        assert json.loads((tmp_path / "out" / name).read_text())["n_train"] == 24
+    assert len(list((tmp_path / "cache").glob("features_*.pt"))) == 2  # the linear probe reused k-NN's features
