@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 
@@ -103,6 +104,29 @@ def _small_tree(src, dst, classes):
     for name in classes:
         shutil.copytree(src / name, dst / name)
     return dst
+
+
+def test_an_empty_val_class_folder_is_named_not_silently_left_out(tmp_path, digits_dirs, caplog, capsys):
+    """Issue 26 item 8: a val class folder without images used to vanish from the accuracy without a word."""
+    train, val = digits_dirs
+    small_train = _small_tree(train, tmp_path / "train", ["0", "1", "2", "3"])
+    small_val = _small_tree(val, tmp_path / "val", ["0", "1", "2"])
+    (small_val / "3").mkdir()  # meant to hold class 3's val images; the copy failed
+    args = [a if a not in (str(train), str(val)) else str(small_train if a == str(train) else small_val)
+            for a in _common(digits_dirs, tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval-knn", *args, "--nb-knn", "1", "--n-tries", "1"]) == 0
+    res = json.loads((tmp_path / "out" / "results_eval_knn.json").read_text())
+    assert res["classes"] == ["0", "1", "2", "3"] and res["n_val"] == 18
+    assert res["untested_classes"] == ["3"]
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "class folder(s) ['3'] hold no images, so the accuracy leaves them out" in warning
+    assert "the 3 of 4 classes that have val images" in warning
+    (small_train / "4").mkdir()  # and an empty train folder whose class has val images: the error says why
+    shutil.copytree(val / "4", small_val / "4")
+    capsys.readouterr()
+    line = _error(capsys, ["eval-knn", *args])
+    assert "not in --train-dataset" in line and "these folders hold no images: ['4']" in line
 
 
 def test_a_file_name_that_is_not_utf8_is_evaluated(tmp_path, digits_dirs):
