@@ -117,7 +117,8 @@ def execute(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in _USER_FILE_ERRNOS or getattr(args, "verbose", False):
             raise  # a bug, or asked for the details (-v): the traceback
-        print(f"ssl-distill {name}: error: {describe_file_error(exc)}", file=sys.stderr)
+        print(f"ssl-distill {name}: error: {describe_file_error(exc, getattr(args, 'output_dir', None))}",
+              file=sys.stderr)
         return 2
 
 
@@ -146,7 +147,16 @@ _FILE_ADVICE = {
 }
 
 
-def describe_file_error(exc: OSError) -> str:
-    """One line for a file-system error a user can fix: what, where, and what to do."""
-    where = f" '{exc.filename}'" if exc.filename else ""
-    return f"{exc.strerror or exc}:{where}; {_FILE_ADVICE.get(exc.errno, 'check the path')}."
+def describe_file_error(exc: OSError, output_dir: str | None = None) -> str:
+    """One line for a file-system error a user can fix: what, where, and what to do.
+
+    An error raised by a write (``f.write``, ``torch.save``) carries no file name; then the command's
+    ``output_dir`` (where it writes) is named instead, so the line never ends in an empty ``:;``."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename:
+        where = f": '{exc.filename}'"
+    elif output_dir:
+        where = f" while writing under '{output_dir}'"
+    else:
+        where = ""
+    return f"{what}{where}; {_FILE_ADVICE.get(exc.errno, 'check the path')}."

@@ -1,0 +1,36 @@
+"""Issue 26 item 12: small misleading messages, each on the real thing (a real ENOSPC from /dev/full, a real NaN
+TIFF)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_distill.commands import describe_file_error
+from ssl_distill.data.datasets import BrokenImageError, build_image_dataset
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_without_a_file_name_names_the_output_dir() -> None:
+    with pytest.raises(OSError) as err, open("/dev/full", "wb", buffering=0) as f:
+        f.write(b"checkpoint bytes")  # a write error carries no file name, as from torch.save
+    assert err.value.errno == errno.ENOSPC and err.value.filename is None
+    line = describe_file_error(err.value, "runs/vit")
+    assert line.startswith("No space left on device while writing under 'runs/vit'; the disk is full"), line
+    assert ":;" not in describe_file_error(err.value) and ":;" not in line
+    named = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/vit/model_0000010.pth")
+    assert describe_file_error(named).startswith("No space left on device: 'runs/vit/model_0000010.pth'; ")
+
+
+def test_a_nan_tiff_is_refused_for_its_nans(tmp_path: Path) -> None:
+    values = np.array([[0.001, np.nan, 0.999, np.nan]], dtype=np.float32)
+    Image.fromarray(values, mode="F").save(tmp_path / "nan.tiff")
+    with Image.open(tmp_path / "nan.tiff") as raw:
+        assert raw.mode == "F" and np.isnan(np.asarray(raw)).sum() == 2  # really a float file with NaNs
+    with pytest.raises(BrokenImageError, match=r"2 of 4 pixels NaN or infinite, the others in \[0.001, 0.999\]"):
+        build_image_dataset(tmp_path, bad_image_policy="error")[0]
