@@ -1,5 +1,5 @@
-"""Issue 26 item 12: small misleading messages, each on the real thing (a real ENOSPC from /dev/full, a real NaN
-TIFF)."""
+"""Issue 26 item 12: small misleading messages, each on the real thing (a real ENOSPC from /dev/full, a real NaN TIFF,
+the real command-line parser, ``submit``'s real checks with Slurm stand-ins on PATH)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from train_utils import TINY
 
-from ssl_distill.commands import describe_file_error
+from ssl_distill.cli import main
+from ssl_distill.commands import describe_file_error, parse_command
 from ssl_distill.data.datasets import BrokenImageError, build_image_dataset
 
 
@@ -34,3 +36,18 @@ def test_a_nan_tiff_is_refused_for_its_nans(tmp_path: Path) -> None:
         assert raw.mode == "F" and np.isnan(np.asarray(raw)).sum() == 2  # really a float file with NaNs
     with pytest.raises(BrokenImageError, match=r"2 of 4 pixels NaN or infinite, the others in \[0.001, 0.999\]"):
         build_image_dataset(tmp_path, bad_image_policy="error")[0]
+
+
+def test_overrides_split_around_flags_are_all_applied(capsys, tmp_path: Path) -> None:
+    args = parse_command("train", ["optim.epochs=3", "--output-dir", "X", "train.seed=5", "--no-resume",
+                                   "optim.epochs=4"])
+    assert args.opts == ["optim.epochs=3", "train.seed=5", "optim.epochs=4"]  # command-line order: the last wins
+    assert args.output_dir == "X" and args.no_resume
+    assert main(["config", "optim.epochs=3", "--config-file", TINY, "train.seed=5", "--changed"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "seed: 5" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--checkpoint", "a.pth", "x=1", "--output", "b.pth"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: x=1 (this command takes no key=value config overrides)" in err
