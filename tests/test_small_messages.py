@@ -9,12 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_utils import one_line_error
 from PIL import Image
 from train_utils import TINY
 
-from ssl_distill.cli import main
-from ssl_distill.commands import describe_file_error, parse_command
+from ssl_distill.cli import build_parser, main
+from ssl_distill.commands import UserError, describe_file_error, parse_command
 from ssl_distill.data.datasets import BrokenImageError, build_image_dataset
+from ssl_distill.launch import slurm
+from ssl_distill.launch.submit import validate_submitted
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -51,3 +54,44 @@ def test_overrides_split_around_flags_are_all_applied(capsys, tmp_path: Path) ->
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: x=1 (this command takes no key=value config overrides)" in err
+
+
+def _eval_args(tmp_path: Path, weights: str) -> list[str]:
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    return ["--pretrained-weights", weights, "--train-dataset", str(data), "--val-dataset", str(data),
+            "--output-dir", str(tmp_path / "out")]
+
+
+def test_submit_checks_the_pretrained_weights(tmp_path: Path, photo_folder: str) -> None:
+    for weights, expected in (("missing.pth", "--pretrained-weights missing.pth is not a file"),
+                              (str(tmp_path / "nope" / "w.pth"), "is not a file"),
+                              ("dinov2_vitz14", "--pretrained-weights: unknown model 'dinov2_vitz14'")):
+        with pytest.raises(UserError, match=expected):
+            validate_submitted("eval-knn", _eval_args(tmp_path, weights))
+    (tmp_path / "w.pth").write_bytes(b"")
+    for weights in ("random", "dinov2_vits14", str(tmp_path / "w.pth"), "https://example.org/w.pth"):
+        validate_submitted("eval-linear", _eval_args(tmp_path, weights))  # accepted: the job resolves them
+    with pytest.raises(UserError, match="student.pretrained_weights: unknown model 'dinov2_vits14_nope'"):
+        validate_submitted("train", ["--config-file", TINY, f"train.dataset_path={photo_folder}",
+                                     "student.pretrained_weights=dinov2_vits14_nope", "--output-dir", "o"])
+
+
+def _fake_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tools: tuple[str, ...]) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in tools:
+        (bin_dir / tool).write_text(f"#!/bin/sh\necho 'fake {tool}' >&2\nexit 1\n")
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_submit_without_srun_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    _fake_tools(tmp_path, monkeypatch, ("sbatch", "squeue"))  # a login node with sbatch but no srun
+    line = one_line_error(capsys, ["submit", "--output-dir", str(tmp_path / "run"), "eval-knn",
+                                   *_eval_args(tmp_path, "random")])
+    assert "srun not found on PATH" in line and "To run without Slurm" in line
+    monkeypatch.setattr(slurm, "check_slurm_available", lambda: None)  # submitit's own check, behind ours
+    args = build_parser().parse_args(["submit", "--output-dir", str(tmp_path / "run"), "eval-knn"])
+    with pytest.raises(slurm.SubmitError, match='submitit cannot use Slurm here: Could not detect "srun"'):
+        slurm.submit(args, [])
