@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ssl_distill.pickle_scan import unsafe_globals
+
 CHECKPOINT_FORMAT = "ssl_distill.checkpoint"
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
@@ -33,8 +35,11 @@ class WeightsFileError(ValueError):
 def describe_read_error(path: Path, exc: Exception) -> str:
     """One complete sentence for a failed ``torch.load(weights_only=True)`` / safetensors read of ``path``."""
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and (found := _UNSAFE_GLOBAL.search(text)):
-        return (f"'{path}' holds Python objects besides tensors ({found.group(1)}), which "
+    found = unsafe_globals(path) if path.suffix != ".safetensors" else []  # whatever torch's wording: the opcodes
+    if not found and isinstance(exc, pickle.UnpicklingError) and (match := _UNSAFE_GLOBAL.search(text)):
+        found = [match.group(1)]
+    if found:
+        return (f"'{path}' holds Python objects besides tensors ({', '.join(found[:5])}), which "
                 "torch.load(weights_only=True) refuses to unpickle because loading them can run arbitrary code "
                 "from the file. Only if you trust its source: load it once with torch.load(path, "
                 "weights_only=False) and torch.save just its state dict of tensors to a new file, then use that file.")

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ssl_distill.commands import COMMANDS, add_command_parser, execute
+from ssl_distill.commands import COMMANDS, add_command_parser, execute, parse_with_overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_with_overrides(build_parser(), argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 
 import pytest
@@ -96,3 +98,51 @@ def test_val_labels_follow_train_classes(tmp_path, digits_dirs):
     tr, va = load_labelled_datasets(str(train), str(subset), None, None)
     assert sorted(set(va.targets)) == [2, 9]
     assert va.classes == tr.classes
+
+
+def _small_tree(src, dst, classes):
+    for name in classes:
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+def test_an_empty_val_class_folder_is_named_not_silently_left_out(tmp_path, digits_dirs, caplog, capsys):
+    """Issue 26 item 8: a val class folder without images used to vanish from the accuracy without a word."""
+    train, val = digits_dirs
+    small_train = _small_tree(train, tmp_path / "train", ["0", "1", "2", "3"])
+    small_val = _small_tree(val, tmp_path / "val", ["0", "1", "2"])
+    (small_val / "3").mkdir()  # meant to hold class 3's val images; the copy failed
+    args = [a if a not in (str(train), str(val)) else str(small_train if a == str(train) else small_val)
+            for a in _common(digits_dirs, tmp_path / "out")]
+    with caplog.at_level(logging.WARNING):
+        assert main(["eval-knn", *args, "--nb-knn", "1", "--n-tries", "1"]) == 0
+    res = json.loads((tmp_path / "out" / "results_eval_knn.json").read_text())
+    assert res["classes"] == ["0", "1", "2", "3"] and res["n_val"] == 18
+    assert res["untested_classes"] == ["3"]
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "class folder(s) ['3'] hold no images, so the accuracy leaves them out" in warning
+    assert "the 3 of 4 classes that have val images" in warning
+    (small_train / "4").mkdir()  # and an empty train folder whose class has val images: the error says why
+    shutil.copytree(val / "4", small_val / "4")
+    capsys.readouterr()
+    line = _error(capsys, ["eval-knn", *args])
+    assert "not in --train-dataset" in line and "these folders hold no images: ['4']" in line
+
+
+def test_a_file_name_that_is_not_utf8_is_evaluated(tmp_path, digits_dirs):
+    """Issue 26 item 9: one non-UTF-8 file name crashed both evaluations in the dataset fingerprint."""
+    train, val = digits_dirs
+    small_train = _small_tree(train, tmp_path / "train", ["0", "1"])
+    small_val = _small_tree(val, tmp_path / "val", ["0", "1"])
+    first = sorted(os.listdir(small_train / "0"))[0]
+    os.rename(os.fsencode(small_train / "0" / first), os.fsencode(small_train / "0") + b"/caf\xe9_\xff.png")
+    assert any("\udcff" in name for name in os.listdir(small_train / "0"))  # really not UTF-8
+    args = [a if a not in (str(train), str(val)) else str(small_train if a == str(train) else small_val)
+            for a in _common(digits_dirs, tmp_path / "out")]
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    assert main(["eval-knn", *args, *cache, "--nb-knn", "1", "--n-tries", "1"]) == 0
+    assert main(["eval-linear", *args, *cache, "--epochs", "1", "--learning-rates", "0.1",
+                 "--precomputed-features"]) == 0
+    for name in ("results_eval_knn.json", "results_eval_linear.json"):
+        assert json.loads((tmp_path / "out" / name).read_text())["n_train"] == 24
+    assert len(list((tmp_path / "cache").glob("features_*.pt"))) == 2  # the linear probe reused k-NN's features

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -45,6 +47,8 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         body = data[start:]
+        if srv.types.get(self.path):
+            self.send_header("Content-Type", srv.types[self.path])
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
         self.end_headers()
@@ -62,14 +66,15 @@ class _Handler(BaseHTTPRequestHandler):
 class Server:
     def __init__(self) -> None:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.files, self.httpd.requests, self.httpd.drops = {}, [], {}
+        self.httpd.files, self.httpd.requests, self.httpd.drops, self.httpd.types = {}, [], {}, {}
         self.httpd.honour_range = True
         self.httpd.delay = 0.0
         self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def add(self, path: str, data: bytes, drops: int = 0) -> str:
+    def add(self, path: str, data: bytes, drops: int = 0, content_type: str | None = None) -> str:
         self.httpd.files[path] = data
         self.httpd.drops[path] = drops
+        self.httpd.types[path] = content_type
         return self.base + path
 
     @property
@@ -262,7 +267,8 @@ def test_reference_training_file_with_chunked_blocks(tmp_path: Path) -> None:
 def test_wrong_files_are_clear_errors(server: Server, tmp_path: Path) -> None:
     entry = tiny_entry("http://unused.invalid")
     html = server.add("/page.pth", b"<html><body>Please log in</body></html>")
-    with pytest.raises(HubError, match="cannot read weights file .*page.pth.*download it again"):
+    with pytest.raises(HubError, match="page.pth fails verification.*not a weights file.*<html><body>Please.*nothing "
+                                       "was cached.*a login or error page"):
         hub.load(entry, weights=html)
     with pytest.raises(HubError, match="does not exist"):
         hub.load(entry, weights=tmp_path / "nope.pth")
@@ -299,18 +305,19 @@ def test_offline_uses_cache_or_says_what_to_download_where(server: Server, isola
 def test_base_url_mirror_keeps_official_relative_paths(server: Server, isolated_cache: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     allow_stand_in_weights(monkeypatch)
-    server.add("/mirror/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", b"small stand-in file")
+    stand_in = to_bytes({"stand_in": torch.zeros(2)})
+    server.add("/mirror/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", stand_in)
     monkeypatch.setenv("SSL_DISTILL_BASE_URL", server.base + "/mirror/dinov2/")
     path = hub.download("dinov2_vits14")
     assert path == isolated_cache / "dinov2_vits14_pretrain.pth"
-    assert path.read_bytes() == b"small stand-in file"
+    assert path.read_bytes() == stand_in
     assert server.requests == [("/mirror/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth", None)]
 
 
 def test_cli_download_to_dest(server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                               capsys: pytest.CaptureFixture) -> None:
     allow_stand_in_weights(monkeypatch)
-    data = b"registers" * 50
+    data = to_bytes({"registers": torch.ones(50)})
     server.add("/dinov2_vitb14/dinov2_vitb14_reg4_pretrain.pth", data)
     monkeypatch.setenv("SSL_DISTILL_BASE_URL", server.base)
     assert main(["download", "dinov2_vitb14_reg", "--dest", str(tmp_path / "w"), "--sha256", "-q"]) == 0
@@ -356,7 +363,8 @@ def test_short_or_corrupt_downloads_never_enter_the_cache(server: Server, tmp_pa
     path = download_url(server.add("/ok.pth", good), tmp_path / "ok.pth", min_size=len(good), size=len(good))
     assert path.read_bytes() == good
     record = json.loads((tmp_path / "ok.pth.verified").read_text())
-    assert record == {"size": len(good), "sha256": hashlib.sha256(good).hexdigest(), "url": server.base + "/ok.pth"}
+    assert record == {"size": len(good), "sha256": hashlib.sha256(good).hexdigest(), "url": server.base + "/ok.pth",
+                      "mtime_ns": path.stat().st_mtime_ns}
 
 
 def test_a_cached_file_that_fails_verification_is_downloaded_again(server: Server, tmp_path: Path,
@@ -375,3 +383,88 @@ def test_a_cached_file_that_fails_verification_is_downloaded_again(server: Serve
     with pytest.raises(HubError, match=r"the cached .*w.pth fails verification \(it is .* bytes, but had "
                                        rf"{len(good)}.*SSL_DISTILL_OFFLINE=1 forbids"):
         download_url(url, dest)
+
+
+# ----------------------------------------------------------------------------- verification on use (issue 26, item 6)
+def _flip_a_tensor_byte(path: Path, keep_mtime: bool) -> None:
+    """Bit rot: one byte inside a tensor's data changes, the size stays (and, with ``keep_mtime``, the mtime)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[data.index(b"/data/0") + 200] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def test_bit_rot_in_the_cache_is_found_on_use(server: Server, isolated_cache: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = tiny_model(5)
+    server.add("/zoo/tiny/tiny_pretrain.pth", to_bytes(ref.state_dict()))
+    entry = tiny_entry(server.base + "/zoo")  # no sha256 in the registry: only the record knows it
+    assert_same_weights(hub.load(entry), ref)
+    cached = isolated_cache / "tiny_pretrain.pth"
+    assert json.loads((isolated_cache / "tiny_pretrain.pth.verified").read_text())["mtime_ns"] == \
+        cached.stat().st_mtime_ns
+    _flip_a_tensor_byte(cached, keep_mtime=True)
+    assert_same_weights(hub.load(entry), ref)  # found by the hash, downloaded again: the model is the original
+    assert len(server.requests) == 2
+    _flip_a_tensor_byte(cached, keep_mtime=True)
+    monkeypatch.setenv("SSL_DISTILL_OFFLINE", "1")
+    with pytest.raises(HubError, match=r"the cached .*tiny_pretrain.pth fails verification \(its sha256 is [0-9a-f]{64}"
+                                       r", not the [0-9a-f]{64} recorded when it was downloaded.*OFFLINE=1 forbids"):
+        hub.load(entry)
+
+
+def test_large_cached_files_are_rehashed_only_when_changed(server: Server, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    dl = importlib.import_module("ssl_distill.hub.download")  # the module (ssl_distill.hub.download is a function)
+
+    good = to_bytes(tiny_model().state_dict())
+    url = server.add("/big.pth", good)
+    dest = download_url(url, tmp_path / "big.pth", weights=True)
+    monkeypatch.setattr(dl, "ALWAYS_HASH_BYTES", 0)  # every file counts as large
+    hashed: list[Path] = []
+    monkeypatch.setattr(dl, "sha256_file", lambda p, real=dl.sha256_file: hashed.append(Path(p)) or real(p))
+    download_url(url, dest, weights=True)
+    assert hashed == []  # unchanged size and mtime: trusted without reading the file
+    _flip_a_tensor_byte(dest, keep_mtime=False)  # written in place: the mtime moves
+    assert download_url(url, dest, weights=True).read_bytes() == good
+    assert [p for p, _ in server.requests] == ["/big.pth", "/big.pth"]
+
+
+def test_a_garbage_record_is_repaired_and_a_copied_file_checked(server: Server, tmp_path: Path) -> None:
+    good = to_bytes(tiny_model().state_dict())
+    url = server.add("/r.pth", good)
+    dest = download_url(url, tmp_path / "r.pth", weights=True)
+    record = tmp_path / "r.pth.verified"
+    for garbage in ("{not json", '{"size": "many", "sha256": 7}'):
+        record.write_text(garbage)
+        assert download_url(url, dest, weights=True) == dest
+        assert json.loads(record.read_text())["sha256"] == hashlib.sha256(good).hexdigest()  # rewritten
+    assert len(server.requests) == 1
+    record.write_text("{not json")  # an unreadable record does not hide bit rot when the sha256 is known
+    _flip_a_tensor_byte(dest, keep_mtime=True)
+    assert download_url(url, dest, hashlib.sha256(good).hexdigest(), weights=True).read_bytes() == good
+    copied = tmp_path / "copied.pth"  # copied in by hand, same size, wrong content: the expected sha256 tells
+    copied.write_bytes(to_bytes(tiny_model(seed=9).state_dict()))
+    assert download_url(url, copied, hashlib.sha256(good).hexdigest(), weights=True).read_bytes() == good
+
+
+def test_an_html_page_never_enters_the_cache(server: Server, isolated_cache: Path, tmp_path: Path) -> None:
+    page = server.add("/weights/model.pth", b"<!DOCTYPE html>\n<html><body>Sign in to continue</body></html>",
+                      content_type="text/html; charset=utf-8")
+    with pytest.raises(HubError, match=r"fails verification \(it is not a weights file .*starts with "
+                                       r"'<!DOCTYPE html>'; the server sent it as text/html\).*nothing was cached"):
+        hub.load(tiny_entry("http://unused.invalid"), weights=page)
+    assert [p.name for p in (isolated_cache / "urls").iterdir() if not p.name.endswith(".lock")] == []
+    tensors = {"w": torch.arange(6.0)}
+    legacy = io.BytesIO()
+    torch.save(tensors, legacy, _use_new_zipfile_serialization=False)
+    from safetensors.torch import save as safetensors_bytes
+
+    for name, data in (("zip.pth", to_bytes(tensors)), ("legacy.pth", legacy.getvalue()),
+                       ("st.safetensors", safetensors_bytes(tensors))):
+        path = download_url(server.add(f"/{name}", data, content_type="application/octet-stream"),
+                            tmp_path / name, weights=True)
+        assert path.read_bytes() == data, name

@@ -82,7 +82,7 @@ def test_missing_slurm_is_one_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["submit", "--output-dir", str(tmp_path / "run"), "train", "--config-file", TINY]) == 2
     err = capsys.readouterr().err
     assert "Slurm is not available" in err
-    assert "sbatch and squeue not found" in err
+    assert "sbatch, squeue and srun not found" in err
     assert "ssl-distill train" in err
     assert "torchrun" in err
     assert "Traceback" not in err

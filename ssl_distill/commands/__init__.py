@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["COMMANDS", "Command", "UserError", "add_command_parser", "describe_file_error", "execute",
-           "parse_command", "run_command"]
+           "parse_command", "parse_with_overrides", "run_command"]
 
 
 class UserError(Exception):
@@ -101,7 +101,38 @@ def parse_command(name: str, argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=f"ssl-distill {name}", description=command.description or None)
     _load(command.arguments)(parser)
     parser.set_defaults(command_name=name, verbose=False)
-    return parser.parse_args(list(argv))
+    return parse_with_overrides(parser, list(argv))
+
+
+def _is_override(arg: str) -> bool:
+    """Whether ``arg`` has the shape of a ``key=value`` config override (not a flag, a key before the ``=``)."""
+    key, eq, _ = arg.partition("=")
+    return bool(eq) and bool(key.strip()) and not arg.startswith("-") and " " not in key
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that ``key=value`` overrides split around flags (``train a=1
+    --output-dir X b=2``, which argparse rejects as "unrecognized arguments") are all applied, in the order given.
+
+    Other unrecognised arguments are argparse's usual error (status 2), with a hint when the command takes no
+    overrides."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, extras = parser.parse_known_args(argv)
+    if not extras:
+        return args
+    if hasattr(args, "opts") and all(_is_override(a) for a in extras):
+        pending = [*args.opts, *extras]
+        ordered = []
+        for arg in argv:  # the overrides in command-line order: a later value of a key wins, as the user expects
+            if arg in pending:
+                pending.remove(arg)
+                ordered.append(arg)
+        args.opts = ordered + pending
+        return args
+    hint = ""
+    if any(_is_override(a) for a in extras) and not hasattr(args, "opts"):
+        hint = " (this command takes no key=value config overrides)"
+    parser.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
 
 
 def execute(args: argparse.Namespace) -> int:
@@ -117,7 +148,8 @@ def execute(args: argparse.Namespace) -> int:
     except OSError as exc:
         if exc.errno not in _USER_FILE_ERRNOS or getattr(args, "verbose", False):
             raise  # a bug, or asked for the details (-v): the traceback
-        print(f"ssl-distill {name}: error: {describe_file_error(exc)}", file=sys.stderr)
+        print(f"ssl-distill {name}: error: {describe_file_error(exc, getattr(args, 'output_dir', None))}",
+              file=sys.stderr)
         return 2
 
 
@@ -146,7 +178,16 @@ _FILE_ADVICE = {
 }
 
 
-def describe_file_error(exc: OSError) -> str:
-    """One line for a file-system error a user can fix: what, where, and what to do."""
-    where = f" '{exc.filename}'" if exc.filename else ""
-    return f"{exc.strerror or exc}:{where}; {_FILE_ADVICE.get(exc.errno, 'check the path')}."
+def describe_file_error(exc: OSError, output_dir: str | None = None) -> str:
+    """One line for a file-system error a user can fix: what, where, and what to do.
+
+    An error raised by a write (``f.write``, ``torch.save``) carries no file name; then the command's
+    ``output_dir`` (where it writes) is named instead, so the line never ends in an empty ``:;``."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename:
+        where = f": '{exc.filename}'"
+    elif output_dir:
+        where = f" while writing under '{output_dir}'"
+    else:
+        where = ""
+    return f"{what}{where}; {_FILE_ADVICE.get(exc.errno, 'check the path')}."

@@ -92,12 +92,16 @@ def _scaled_grey(img: Image.Image) -> Image.Image:
         low, high, scale, kind = 0.0, 1.0, 255.0, "floating-point"
     else:
         low, high, scale, kind = 0.0, 65535.0, 1.0 / 257.0, "16-bit" if img.mode in _SIXTEEN_BIT_MODES else "32-bit"
-    lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if values.size else (0.0, 0.0)
-    if not (np.isfinite(values).all() and low <= lo and hi <= high):
+    finite = np.isfinite(values)
+    lo, hi = (float(values[finite].min()), float(values[finite].max())) if finite.any() else (0.0, 0.0)
+    if not (finite.all() and low <= lo and hi <= high):
+        bad = int(values.size - finite.sum())
+        found = (f"{bad} of {values.size} pixels NaN or infinite" + (f", the others in [{lo:g}, {hi:g}]"
+                 if finite.any() else "") if bad else f"values in [{lo:g}, {hi:g}]")
         raise UnsupportedImageError(
-            f"{kind} greyscale image (mode {img.mode}) with values in [{lo:g}, {hi:g}]: only [{low:g}, {high:g}] "
+            f"{kind} greyscale image (mode {img.mode}) with {found}: only [{low:g}, {high:g}] "
             "has a known 8-bit meaning (floats: 0..1; integers: 16-bit 0..65535). Convert such images to 8- or "
-            "16-bit, or to floats in 0..1, before training."
+            "16-bit, or to floats in 0..1 without NaN, before training."
         )
     return Image.fromarray(np.rint(values * scale).astype(np.uint8)).convert("RGB")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ssl_distill.data.datasets import ImageDataset, build_image_dataset
+
+logger = logging.getLogger(__name__)
 
 
 class EvalInputError(ValueError):
@@ -46,13 +49,50 @@ def load_labelled_datasets(
     """
     train = _open(train_path, "train", train_transform, bad_image_policy)
     val = _open(val_path, "val", val_transform, bad_image_policy)
+    empty_train = _empty_class_folders(train)
     unknown = sorted(set(val.classes) - set(train.classes))
     if unknown:
+        empty = [c for c in unknown if c in empty_train]
+        why = (f" (in --train-dataset these folders hold no images: {empty[:10]}; add training images to them)"
+               if empty else "")
         raise EvalInputError(
             f"--val-dataset '{val_path}' has classes that are not in --train-dataset '{train_path}': {unknown[:10]}"
-            f"{' ...' if len(unknown) > 10 else ''}. Both trees must use the same class folder names."
+            f"{' ...' if len(unknown) > 10 else ''}{why}. Both trees must use the same class folder names."
         )
+    if empty_train:
+        logger.warning("--train-dataset '%s': class folder(s) %s hold no images; they are not classes of this "
+                       "evaluation", train_path, empty_train[:10])
     index = {name: i for i, name in enumerate(train.classes)}
     val.samples = [(path, index[val.classes[label]]) for path, label in val.samples]
+    _report_untested(val, train.classes, val_path)
     val.classes = list(train.classes)
     return train, val
+
+
+def _empty_class_folders(ds: ImageDataset) -> list[str]:
+    """Sub-folders of a class-folder tree's root that hold no images (so they are no class of ``ds``)."""
+    root = Path(ds.root)
+    return sorted(d.name for d in root.iterdir()
+                  if not d.name.startswith(".") and d.is_dir() and d.name not in set(ds.classes))
+
+
+def untested_classes(train_classes: list[str], val: ImageDataset) -> list[str]:
+    """The train classes without a single val image (after :func:`load_labelled_datasets`): the accuracy says
+    nothing about them."""
+    tested = {label for _, label in val.samples}
+    return [name for i, name in enumerate(train_classes) if i not in tested]
+
+
+def _report_untested(val: ImageDataset, train_classes: list[str], val_path: str) -> None:
+    """One warning when a val class folder holds no images: the accuracy silently leaves that class out."""
+    empty = [name for name in _empty_class_folders(val) if name in train_classes]
+    untested = untested_classes(train_classes, val)
+    if empty:
+        logger.warning(
+            "--val-dataset '%s': class folder(s) %s hold no images, so the accuracy leaves them out (it is over "
+            "the %d of %d classes that have val images; results JSON: untested_classes). Add val images to them, or "
+            "remove them from both trees.", val_path, empty[:10], len(train_classes) - len(untested),
+            len(train_classes))
+    elif untested:
+        logger.info("--val-dataset '%s' covers %d of the %d train classes; not tested: %s", val_path,
+                    len(train_classes) - len(untested), len(train_classes), untested[:10])

@@ -111,23 +111,33 @@ def _empty(key: str, model: nn.Module, n_last_blocks: int, device: torch.device)
 # --------------------------------------------------------------------------------------------- cache
 
 
+def _raw(text: str) -> bytes:
+    """``text`` as bytes, also when it holds a file name that is not valid UTF-8: Python decodes such names with
+    lone surrogates (``surrogateescape``), which a plain ``.encode()`` refuses; ``surrogatepass`` keeps them, and
+    distinct names stay distinct."""
+    return text.encode("utf-8", "surrogatepass")
+
+
 def dataset_fingerprint(dataset: Any) -> str:
-    """sha256 over the dataset's root, classes and each sample's path, label, size and modification time."""
-    h = hashlib.sha256(f"{getattr(dataset, 'root', '')}|{getattr(dataset, 'classes', [])}|".encode())
+    """sha256 over the dataset's root, classes and each sample's path, label, size and modification time.
+
+    Paths are hashed as they are, whatever their encoding (a name with non-UTF-8 bytes must not stop an evaluation
+    that training on the same tree runs through)."""
+    h = hashlib.sha256(_raw(f"{getattr(dataset, 'root', '')}|{getattr(dataset, 'classes', [])}|"))
     for path, label in getattr(dataset, "samples", []):
         try:
             st = os.stat(path)
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"
-        h.update(f"{path}|{label}|{stamp}\n".encode())
+        h.update(_raw(f"{path}|{label}|{stamp}\n"))
     return h.hexdigest()
 
 
 def feature_cache_key(weights_hash: str, dataset: Any, transform: Any, n_last_blocks: int) -> str:
     """Cache key: weights hash + dataset fingerprint + the transform's repr + the feature layout."""
     text = f"v{CACHE_VERSION}|{weights_hash}|{dataset_fingerprint(dataset)}|{transform!r}|{n_last_blocks}"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    return hashlib.sha256(_raw(text)).hexdigest()[:32]
 
 
 def cached_features(cache_dir: str | os.PathLike | None, key: str, compute: Callable[[], Features]) -> Features:

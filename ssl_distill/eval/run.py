@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ssl_distill.distributed import get_rank, get_world_size, init_distributed, is_main_process, resolve_device
 from ssl_distill.eval.args import BEST_HEAD, KNN_RESULTS, LINEAR_RESULTS
-from ssl_distill.eval.data import EvalInputError, load_labelled_datasets
+from ssl_distill.eval.data import EvalInputError, load_labelled_datasets, untested_classes
 from ssl_distill.eval.features import (
     autocast_context,
     cached_features,
@@ -101,7 +101,8 @@ def _write_json(path: Path, payload: dict) -> None:
 def _common_payload(args: argparse.Namespace, info: dict, train: Any, val: Any) -> dict:
     return {"pretrained_weights": args.pretrained_weights, "weights": info, "train_dataset": args.train_dataset,
             "val_dataset": args.val_dataset, "n_train": len(train), "n_val": len(val),
-            "classes": list(train.classes), "image_size": args.image_size}
+            "classes": list(train.classes), "untested_classes": untested_classes(list(train.classes), val),
+            "image_size": args.image_size}
 
 
 def run_knn(args: argparse.Namespace) -> int:

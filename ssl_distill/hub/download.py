@@ -8,9 +8,15 @@
   complete files; a ``<file>.lock`` (POSIX ``flock``) makes processes sharing a cache download a file once.
 * verification, before a file enters the cache: its size against the server's ``Content-Length``, the registry's
   exact ``size`` or ``min_size`` (the fp32 tensor data of the entry's parameters), the CRC of every member of a
-  PyTorch zip archive, and the sha256 when known. A file that fails is deleted, never cached. The size and sha256
-  of a verified file are recorded beside it (``<file>.verified``); a cached file whose size no longer matches that
-  record or the registry (or whose zip directory is damaged) is downloaded again.
+  PyTorch zip archive, and the sha256 when known; weights (zoo names, weights URLs) must also start like a weights
+  file (a zip archive, a pickle or safetensors), so an HTML login or error page answered with status 200 is refused
+  (naming its Content-Type). A file that fails is deleted, never cached.
+* verification on use: the size, mtime and sha256 of a verified file are recorded beside it (``<file>.verified``).
+  A cached file is hashed again when it is at most :data:`ALWAYS_HASH_BYTES` (bit rot keeps size and mtime), when
+  its size or mtime differ from the record, or when the record is missing or unreadable (then it is rewritten,
+  from the expected sha256 when known); a cached file whose size, hash or zip directory no longer matches is
+  downloaded again (offline: refused with the fix). Larger unchanged files are trusted on size + mtime + their zip
+  directory, so a multi-GB backbone is not read twice per start.
 * offline: ``SSL_DISTILL_OFFLINE=1`` (or a network failure) uses the cache or fails saying what to download where.
 * mirrors: ``SSL_DISTILL_BASE_URL`` replaces the zoo's base URL (see :meth:`ModelEntry.url`).
 """
@@ -18,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -33,7 +40,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from ssl_distill.fileio import _fsync_dir
+from ssl_distill.fileio import _fsync_dir, atomic_write_text
 from ssl_distill.hub.registry import HubError, ModelEntry, get_model
 
 logger = logging.getLogger(__name__)
@@ -41,6 +48,8 @@ logger = logging.getLogger(__name__)
 HOME_ENV = "SSL_DISTILL_HOME"
 OFFLINE_ENV = "SSL_DISTILL_OFFLINE"
 _CHUNK = 1 << 20
+ALWAYS_HASH_BYTES = 512 << 20  # cached files up to this size are re-hashed on every use (about 0.3 s per 512 MiB)
+_HEX = frozenset("0123456789abcdef")
 
 
 class _Interrupted(Exception):
@@ -97,8 +106,9 @@ def _read(resp: Any) -> bytes:
         raise _Interrupted(f"{type(exc).__name__}: {exc}") from None
 
 
-def _fetch(url: str, partial: Path, timeout: float, progress: bool | None) -> None:
-    """One HTTP request appending to (or restarting) ``partial``; raises :class:`_Interrupted` on a short read."""
+def _fetch(url: str, partial: Path, timeout: float, progress: bool | None) -> str:
+    """One HTTP request appending to (or restarting) ``partial``; raises :class:`_Interrupted` on a short read.
+    Returns the response's ``Content-Type`` (``""`` when the server sends none)."""
     have = partial.stat().st_size if partial.exists() else 0
     headers = {"User-Agent": "ssl-distill"}
     if have:
@@ -125,9 +135,11 @@ def _fetch(url: str, partial: Path, timeout: float, progress: bool | None) -> No
                     bar.update(len(chunk))
             f.flush()
             os.fsync(f.fileno())
+        content_type = resp.headers.get("Content-Type", "")
     size = partial.stat().st_size
     if total is not None and size < total:
         raise _Interrupted(f"connection closed after {size} of {total} bytes")
+    return content_type
 
 
 @contextlib.contextmanager
@@ -157,7 +169,8 @@ def _unreachable(url: str, dest: Path, why: str) -> HubError:
 
 
 def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *, progress: bool | None = None,
-                 retries: int = 3, timeout: float = 30.0, min_size: int = 0, size: int | None = None) -> Path:
+                 retries: int = 3, timeout: float = 30.0, min_size: int = 0, size: int | None = None,
+                 weights: bool = False) -> Path:
     """Download ``url`` to ``dest`` (a cached copy that passes verification is kept), resuming and verifying.
 
     Args:
@@ -166,10 +179,12 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *
         retries: resumptions attempted after an interrupted transfer within this call.
         timeout: socket timeout in seconds.
         min_size / size: bytes a complete file has at least / exactly (see the module docstring).
+        weights: the file must start like a weights file (zip, pickle or safetensors), e.g. not an HTML page.
     """
     dest = Path(dest).expanduser()
+    check = _Check(sha256.lower() if sha256 else None, min_size, size, weights)
     if dest.is_file():
-        problems = _cheap_problems(dest, sha256, min_size, size, _read_record(dest))
+        problems = _cached_problems(dest, check)
         if not problems:
             return dest
         if is_offline():
@@ -181,25 +196,62 @@ def download_url(url: str, dest: str | os.PathLike, sha256: str | None = None, *
         raise _unreachable(url, dest, f"offline mode: {OFFLINE_ENV}=1")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(dest):
-        if dest.is_file() and _cheap_problems(dest, sha256, min_size, size, _read_record(dest)):
+        if dest.is_file() and _cached_problems(dest, check):
             dest.unlink()  # a bad cached copy (another process may have replaced it with a good one meanwhile)
             _record_path(dest).unlink(missing_ok=True)
         if not dest.is_file():
-            _download_locked(url, dest, sha256, progress, retries, timeout, (min_size, size))
+            _download_locked(url, dest, check, progress, retries, timeout)
     return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class _Check:
+    """What a complete file must satisfy: its sha256 (lower case) and sizes when known, and a weights file's start."""
+
+    sha256: str | None
+    min_size: int = 0
+    size: int | None = None
+    weights: bool = False
 
 
 def _record_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".verified")
 
 
-def _read_record(dest: Path) -> dict[str, Any]:
-    """What was recorded when ``dest`` was downloaded and verified (empty for files copied in by hand)."""
+def _read_record(dest: Path) -> dict[str, Any] | None:
+    """What was recorded when ``dest`` was downloaded and verified: ``{}`` when there is no record (a file copied in
+    by hand), None when the record is unreadable or malformed (it is rewritten after the file is checked)."""
     try:
         record = json.loads(_record_path(dest).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return {}
-    return record if isinstance(record, dict) else {}
+    except (OSError, ValueError):
+        return None
+    valid = (isinstance(record, dict) and isinstance(record.get("size"), int)
+             and isinstance(record.get("sha256"), str) and len(record["sha256"]) == 64
+             and set(record["sha256"]) <= _HEX and isinstance(record.get("mtime_ns", 0), int))
+    return record if valid else None
+
+
+def _write_record(dest: Path, digest: str, url: str | None, stat: os.stat_result) -> None:
+    """Record ``dest``'s size, mtime and sha256 beside it, atomically; a read-only cache just keeps no record."""
+    record = {"size": stat.st_size, "sha256": digest, "url": url, "mtime_ns": stat.st_mtime_ns}
+    try:
+        atomic_write_text(_record_path(dest), json.dumps(record) + "\n")
+    except OSError as exc:
+        logger.debug("cannot write %s (%s); the file is re-hashed on its next use", _record_path(dest), exc)
+
+
+def _weights_magic_problem(path: Path) -> str | None:
+    """Why ``path`` does not start like a weights file (a zip archive, a pickle or safetensors), or None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save zip archive; legacy torch.save / pickle (protocol 2+)
+        return None
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return None  # safetensors: an 8-byte header length, then the JSON header
+    shown = head.decode("ascii", "replace").replace("\ufffd", "?").split("\n")[0].strip()[:40]
+    return f"it is not a weights file (a zip, pickle or safetensors file): it starts with {shown!r}"
 
 
 def _zip_problem(path: Path, check_crc: bool) -> str | None:
@@ -216,29 +268,56 @@ def _zip_problem(path: Path, check_crc: bool) -> str | None:
     return f"its member {bad} fails its CRC check" if bad else None
 
 
-def _cheap_problems(path: Path, sha256: str | None, min_size: int, size: int | None,
-                    record: dict[str, Any]) -> list[str]:
-    """Reasons ``path`` is not a complete copy, from its size and zip directory (no full read)."""
+def _cheap_problems(path: Path, check: _Check, record: dict[str, Any]) -> list[str]:
+    """Reasons ``path`` is not a complete copy, from its size, first bytes and zip directory (no full read)."""
     n, problems = path.stat().st_size, []
-    if size is not None and n != size:
-        problems.append(f"it is {n} bytes, the registry records {size}")
-    elif n < min_size:
-        problems.append(f"it is {n} bytes, shorter than the {min_size} bytes of a complete file")
+    if check.size is not None and n != check.size:
+        problems.append(f"it is {n} bytes, the registry records {check.size}")
+    elif n < check.min_size:
+        problems.append(f"it is {n} bytes, shorter than the {check.min_size} bytes of a complete file")
     if record.get("size") not in (None, n):
         problems.append(f"it is {n} bytes, but had {record['size']} when it was downloaded and verified")
-    if sha256 and record.get("sha256") not in (None, sha256.lower()):
-        problems.append(f"its recorded sha256 {record['sha256']} is not the expected {sha256}")
-    if (zip_problem := _zip_problem(path, check_crc=False)) is not None:
+    if check.sha256 and record.get("sha256") not in (None, check.sha256):
+        problems.append(f"its recorded sha256 {record['sha256']} is not the expected {check.sha256}")
+    if check.weights and (magic_problem := _weights_magic_problem(path)) is not None:
+        problems.append(magic_problem)
+    elif (zip_problem := _zip_problem(path, check_crc=False)) is not None:
         problems.append(zip_problem)
     return problems
 
 
-def _download_locked(url: str, dest: Path, sha256: str | None, progress: bool | None, retries: int,
-                     timeout: float, sizes: tuple[int, int | None]) -> None:
+def _cached_problems(path: Path, check: _Check) -> list[str]:
+    """Reasons the cached ``path`` cannot be used (empty: use it). Verified on use: the cheap checks, then the
+    sha256 when the file is small, changed since its record, or has no usable record (see the module docstring);
+    a missing, malformed or outdated record of a file that passes is (re)written."""
+    record = _read_record(path)
+    if record is None:
+        logger.warning("the verification record %s is unreadable or malformed; checking %s again and rewriting it",
+                       _record_path(path), path)
+    problems = _cheap_problems(path, check, record or {})
+    if problems:
+        return problems
+    stat = path.stat()
+    unchanged = bool(record) and record.get("mtime_ns") == stat.st_mtime_ns
+    if unchanged and stat.st_size > ALWAYS_HASH_BYTES:
+        return []
+    digest = sha256_file(path)
+    expected = (record or {}).get("sha256") or check.sha256
+    if expected is not None and digest != expected:
+        when = "recorded when it was downloaded" if record else "expected"
+        return [f"its sha256 is {digest}, not the {expected} {when} (the file changed on disk)"]
+    if not unchanged:
+        _write_record(path, digest, (record or {}).get("url"), stat)
+    return []
+
+
+def _download_locked(url: str, dest: Path, check: _Check, progress: bool | None, retries: int,
+                     timeout: float) -> None:
     partial = _partial_path(dest)
+    content_type = ""
     for attempt in range(retries + 1):
         try:
-            _fetch(url, partial, timeout, progress)
+            content_type = _fetch(url, partial, timeout, progress)
             break
         except _Interrupted as exc:
             if attempt == retries:
@@ -249,21 +328,25 @@ def _download_locked(url: str, dest: Path, sha256: str | None, progress: bool | 
                            "(and SSL_DISTILL_BASE_URL if you use a mirror).") from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise _unreachable(url, dest, f"network error: {getattr(exc, 'reason', exc)}") from None
-    problems = _cheap_problems(partial, None, *sizes, {})
+    problems = _cheap_problems(partial, dataclasses.replace(check, sha256=None), {})
     if not problems and (zip_problem := _zip_problem(partial, check_crc=True)) is not None:
         problems.append(zip_problem)
-    digest = sha256_file(partial) if not problems else None
-    if sha256 and digest is not None and digest != sha256.lower():
-        problems.append(f"its sha256 is {digest}, expected {sha256}")
+    digest = ""
+    if not problems:
+        digest = sha256_file(partial)
+        if check.sha256 and digest != check.sha256:
+            problems.append(f"its sha256 is {digest}, expected {check.sha256}")
     if problems:
         partial.unlink()
-        raise HubError(f"the download of {url} fails verification ({'; '.join(problems)}). It was deleted, nothing "
-                       "was cached; try again, and check the mirror if SSL_DISTILL_BASE_URL is set.")
-    record = {"size": partial.stat().st_size, "sha256": digest, "url": url}
-    _record_path(dest).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        served = f"; the server sent it as {content_type.split(';')[0]}" if content_type.startswith("text/") else ""
+        raise HubError(f"the download of {url} fails verification ({'; '.join(problems)}{served}). It was deleted, "
+                       "nothing was cached; try again, and check the URL (a login or error page?) and the mirror if "
+                       "SSL_DISTILL_BASE_URL is set.")
+    stat = partial.stat()
+    _write_record(dest, digest, url, stat)
     os.replace(partial, dest)
     _fsync_dir(dest.parent)
-    logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, record["size"], digest)
+    logger.info("downloaded %s to %s (%d bytes, sha256 %s)", url, dest, stat.st_size, digest)
 
 
 def download(name: str | ModelEntry, dest_dir: str | os.PathLike | None = None, *, progress: bool | None = None,
@@ -273,7 +356,7 @@ def download(name: str | ModelEntry, dest_dir: str | os.PathLike | None = None, 
     url = entry.url(base_url)
     dest = Path(dest_dir).expanduser() if dest_dir is not None else weights_dir()
     return download_url(url, dest / str(entry.filename), entry.sha256, progress=progress, min_size=entry.min_size,
-                        size=entry.size)
+                        size=entry.size, weights=True)
 
 
 def resolve_weights(weights: str | os.PathLike, *, progress: bool | None = None) -> Path:
@@ -284,7 +367,7 @@ def resolve_weights(weights: str | os.PathLike, *, progress: bool | None = None)
     if parsed.scheme in ("http", "https"):
         name = Path(urllib.parse.unquote(parsed.path)).name or "weights.pth"
         key = hashlib.sha256(text.encode()).hexdigest()[:12]  # same basename at different URLs: different files
-        return download_url(text, weights_dir() / "urls" / f"{key}-{name}", progress=progress)
+        return download_url(text, weights_dir() / "urls" / f"{key}-{name}", progress=progress, weights=True)
     path = Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else Path(text).expanduser()
     if not path.is_file():
         raise HubError(f"weights file '{path}' does not exist; pass a file path, an http(s) URL or a model name")

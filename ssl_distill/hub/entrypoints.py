@@ -166,7 +166,7 @@ def classifier(name: str, *, layers: int = 4, pretrained: bool = True, weights: 
         path = resolve_weights(head_path, progress=progress)
     elif pretrained:
         path = download_url(entry.url(), weights_dir() / entry.filename, entry.sha256, progress=progress,
-                            min_size=entry.min_size, size=entry.size)
+                            min_size=entry.min_size, size=entry.size, weights=True)
     else:  # architecture only, like the official pretrained=False: a freshly initialised head
         head = nn.Linear((1 + layers) * model.embed_dim, entry.num_classes)
         return LinearClassifier(model, head, layers).eval()

@@ -51,12 +51,13 @@ class SubmitError(Exception):
 
 
 def check_slurm_available(which: Callable[[str], str | None] | None = None) -> None:
-    """Raise :class:`SubmitError` unless ``sbatch`` and ``squeue`` are on ``PATH`` (looked up at call time)."""
+    """Raise :class:`SubmitError` unless ``sbatch``, ``squeue`` and ``srun`` (which submitit's executor requires)
+    are on ``PATH`` (looked up at call time)."""
     which = which or shutil.which
-    missing = [tool for tool in ("sbatch", "squeue") if which(tool) is None]
+    missing = [tool for tool in ("sbatch", "squeue", "srun") if which(tool) is None]
     if missing:
-        raise SubmitError(f"Slurm is not available on this machine ({' and '.join(missing)} not found on PATH). "
-                          + _RUN_LOCALLY)
+        names = " and ".join(missing) if len(missing) < 3 else "sbatch, squeue and srun"
+        raise SubmitError(f"Slurm is not available on this machine ({names} not found on PATH). " + _RUN_LOCALLY)
 
 
 def with_output_dir(command_args: list[str], output_dir: str) -> list[str]:
@@ -240,7 +241,10 @@ def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
     folder = Path(args.output_dir) / SLURM_SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
     # submitit counts time-outs only; SlurmCommand.checkpoint counts every requeue against the same bound
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    try:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    except RuntimeError as exc:  # submitit's own environment checks (e.g. no srun), raised as bare RuntimeErrors
+        raise SubmitError(f"submitit cannot use Slurm here: {exc}. " + _RUN_LOCALLY) from None
     executor.update_parameters(**executor_parameters(args))
     job_fn = SlurmCommand(args.command, list(command_args), args.max_requeues,
                           backend="gloo" if args.gpus_per_node == 0 else None)

@@ -14,15 +14,39 @@ def validate_submitted(command: str, command_args: list[str]) -> None:
     """Catch mistakes in the pass-through arguments now rather than after the job waited in the queue."""
     sub = parse_command(command, command_args)  # argparse errors exit here with usage
     if command == "train":
-        dataset = load_config(sub.config_file, sub.opts).train.dataset_path
-        if not dataset:
+        cfg = load_config(sub.config_file, sub.opts)
+        if not cfg.train.dataset_path:
             raise UserError("train.dataset_path is empty: add train.dataset_path=/path/to/images after `train`.")
-        paths = {"train.dataset_path": dataset}
+        paths = {"train.dataset_path": cfg.train.dataset_path}
+        weights = {"student.pretrained_weights": cfg.student.pretrained_weights}
     else:
         paths = {"--train-dataset": sub.train_dataset, "--val-dataset": sub.val_dataset}
+        weights = {"--pretrained-weights": sub.pretrained_weights}
     for name, path in paths.items():
         if not Path(path).exists():
             raise UserError(f"{name} {path} does not exist (paths are read by the job on the compute nodes).")
+    for name, spec in weights.items():
+        _check_weights(name, spec)
+
+
+def _check_weights(name: str, spec: str) -> None:
+    """A weights argument the job could not use: a missing file or an unknown zoo name (URLs are not fetched here;
+    ``random`` and empty are fine)."""
+    from ssl_distill.hub.registry import HubError, get_model
+    from ssl_distill.hub.resolve import RANDOM_WEIGHTS, looks_like_a_path
+
+    if not spec or spec == RANDOM_WEIGHTS or spec.startswith(("http://", "https://")):
+        return
+    if looks_like_a_path(spec):
+        path = Path(spec[len("file://"):] if spec.startswith("file://") else spec).expanduser()
+        if not path.is_file():
+            raise UserError(f"{name} {spec} is not a file (paths are read by the job on the compute nodes); pass a "
+                            "checkpoint or weights file, a model-zoo name (`ssl-distill models`) or 'random'.")
+        return
+    try:
+        get_model(spec)
+    except HubError as err:
+        raise UserError(f"{name}: {err}") from None
 
 
 def run_submit(args: argparse.Namespace) -> int:
