@@ -148,5 +148,8 @@ _FILE_ADVICE = {
 
 def describe_file_error(exc: OSError) -> str:
     """One line for a file-system error a user can fix: what, where, and what to do."""
+    line = getattr(exc, "line", None)  # fileio.DiskFullError: the file, the space it needs and the space free
+    if isinstance(line, str):
+        return line
     where = f" '{exc.filename}'" if exc.filename else ""
     return f"{exc.strerror or exc}:{where}; {_FILE_ADVICE.get(exc.errno, 'check the path')}."
