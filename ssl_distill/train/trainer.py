@@ -39,7 +39,7 @@ from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
-from ssl_distill.train.run_lock import RunLock, RunLockedError
+from ssl_distill.train.run_dir import check_room_for_a_checkpoint, prepare_output_dir, take_run_lock
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.setup import resolve_precision, wrap_for_distributed
 from ssl_distill.train.state import gather_state, restore_state
@@ -69,20 +69,6 @@ def build_arch(cfg: DictConfig, load_pretrained: bool = True) -> StudentTeacherA
 
         return DistillMetaArch(cfg, load_pretrained=load_pretrained)
     return SSLMetaArch(cfg, load_pretrained=load_pretrained)
-
-
-def _take_run_lock(output_dir: Path) -> RunLock | None:
-    """Rank 0 locks ``output_dir`` for this run; a refusal is raised on every rank."""
-    lock, refusal = None, None
-    if distributed.is_main_process():
-        try:
-            lock = RunLock(output_dir).acquire()
-        except RunLockedError as exc:
-            refusal = str(exc)
-    refusal = distributed.broadcast_object(refusal)
-    if refusal is not None:
-        raise RunLockedError(refusal)
-    return lock
 
 
 def _worker_ignores_ctrl_c(worker_id: int) -> None:
@@ -145,7 +131,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.env = distributed.init_distributed()
         self.world = distributed.get_world_size()
-        self._lock = _take_run_lock(self.output_dir)
+        self._lock = take_run_lock(self.output_dir)
         try:
             self._build(cfg, resume)
         except BaseException:
@@ -179,9 +165,15 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg)
         self.last_checkpoint: Path | None = None
         self.start_iter = self._restore(resume_from)
+        self._check_room_for_a_checkpoint()
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
             save_config(cfg, self.output_dir / "config.yaml")
+
+    def _check_room_for_a_checkpoint(self) -> None:
+        """Fail now, not at the first checkpoint hours later, when the disk cannot hold one (rank 0 writes)."""
+        if distributed.is_main_process():
+            check_room_for_a_checkpoint(self.meta, ckpt.checkpoint_path(self.output_dir, self.total_iters))
 
     def request_stop(self, reason: str = "") -> None:
         """Ask the loop to checkpoint the current iteration and raise :class:`TrainingInterrupted` (``reason``, e.g.
@@ -206,17 +198,16 @@ class Trainer:
             self._lock = None
 
     def _find_resume(self, resume: bool) -> Path | None:
-        """The newest intact checkpoint of the output directory (rank 0 chooses and keeps its state; every rank
-        learns the choice), or None to start fresh."""
-        self._resume_state = None
-        if not resume:
-            return None
+        """The newest intact checkpoint of this run in the output directory (rank 0 chooses and keeps its state;
+        every rank learns the choice), or None to start fresh. Rank 0 also removes temp files of interrupted writes,
+        settles the run's identity (:mod:`~ssl_distill.train.run_identity`: another run's checkpoint is refused)
+        and, when starting over, moves an earlier run's files aside."""
+        self._resume_state, self.run_id = None, None
         choice: tuple[str, str | None] = ("ok", None)
         if distributed.is_main_process():
             try:
-                found = ckpt.load_latest_intact(self.output_dir)
-                if found is not None:
-                    self._resume_state = found[1]
+                found, self.run_id = prepare_output_dir(self.output_dir, resume)
+                self._resume_state = found[1] if found else None
                 choice = ("ok", found[0].name if found else None)
             except ckpt.CheckpointError as exc:
                 choice = ("error", str(exc))
@@ -257,6 +248,7 @@ class Trainer:
         )
         path = None
         if state is not None:
+            state["run_id"] = self.run_id
             path = ckpt.save_checkpoint(self.output_dir, state, keep_last=self.cfg.train.keep_last_checkpoints)
             self.last_checkpoint = path
         distributed.barrier()
