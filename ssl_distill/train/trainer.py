@@ -35,6 +35,7 @@ from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
 from ssl_distill.train.arch_base import StudentTeacherArch
 from ssl_distill.train.diagnostics import CollapseMonitor, DivergenceWatch
+from ssl_distill.train.loader_watch import ChildWatch, LoaderFailed
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
@@ -74,7 +75,9 @@ def build_arch(cfg: DictConfig, load_pretrained: bool = True) -> StudentTeacherA
 def _worker_ignores_ctrl_c(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C (which the terminal sends to the whole process group) to the main process,
     which stops after a checkpoint: a worker that died of it would break the loader in the middle of that. SIGTERM
-    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it."""
+    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it (a worker
+    ignoring it once hung the exit). When a SIGTERM to the whole process group kills the workers first, the loop
+    sees the loader fail at its next batch and stops as the signal asks (:mod:`~ssl_distill.train.loader_watch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -294,6 +297,7 @@ class Trainer:
         loader = build_train_loader(cfg, self.dataset, self.start_iter * self.global_batch, self.device.type == "cuda")
         metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
         data_iter = iter(loader)
+        children = ChildWatch()  # after iter(): replaces the handler PyTorch installs there
         it, broken, window_start, data_time = self.start_iter, 0, time.perf_counter(), 0.0
         self.meta.train()
         try:
@@ -303,7 +307,15 @@ class Trainer:
                     logger.warning("stop requested: saved iteration %d to %s", it, path)
                     raise TrainingInterrupted(it, path, self.stop_reason)
                 t0 = time.perf_counter()
-                batch = next(data_iter)
+                failure = None
+                try:
+                    batch = next(data_iter)
+                except RuntimeError as exc:
+                    if not children.explains(exc):
+                        raise
+                    failure = children.describe(str(exc))
+                if failure is not None:  # outside the except: its traceback would keep the loader's workers alive
+                    self._stop_after_loader_failure(it, failure)
                 data_time += time.perf_counter() - t0
                 broken += int(batch["n_broken"])  # this rank's (a CPU tensor); summed over ranks when logged
                 record = self.step(batch, it)
@@ -323,9 +335,20 @@ class Trainer:
         finally:
             metrics.close()
             data_iter = loader = None  # shut the workers down now, not when the (possibly raised) frame is freed
+            children.restore()
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
+
+    def _stop_after_loader_failure(self, it: int, detail: str) -> None:
+        """The loader broke before iteration ``it`` (a worker died): the model holds the state after ``it``
+        completed iterations, intact, so save it and stop — as a signal's stop when one arrived (the whole process
+        group got it: workers die first), else :class:`LoaderFailed` naming the worker and its signal."""
+        path = self.save(it)
+        logger.warning("the data loader failed (%s): saved iteration %d to %s", detail, it, path)
+        if self.stop_requested:
+            raise TrainingInterrupted(it, path, self.stop_reason) from None
+        raise LoaderFailed(it, path, detail) from None
 
     def _logs_after(self, completed: int) -> bool:
         """Whether a metric line is written after ``completed`` iterations (collapse statistics are computed then)."""
