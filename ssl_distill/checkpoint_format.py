@@ -6,7 +6,7 @@ A training checkpoint is one ``torch.save`` file holding only tensors and plain 
     {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
      "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
      "optimizer": ..., "scaler": ... | None, "sampler_position": global sample index, "world_size": int,
-     "config": YAML text}
+     "config": YAML text, "run_id": the writing run's id (absent in checkpoints of older versions)}
 
 The backbones inside (``student.backbone.*``, ``teacher.backbone.*``) have the official DINOv2 key layout.
 Where checkpoints are written, kept and resumed from is :mod:`ssl_distill.train.checkpoint`'s business.

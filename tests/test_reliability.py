@@ -204,3 +204,48 @@ def test_an_unwritable_output_directory_is_one_line(tmp_path, photo_folder):
     assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
     assert err[0].startswith("ssl-distill train: error: Permission denied:") and str(locked / "run") in err[0]
     assert "choose one you can write to" in err[0]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _stopped(proc: subprocess.Popen, out: Path, expected_rc: int, starts: str) -> str:
+    """Wait for ``proc``; check its one-line report, the checkpoint of the saved iteration, the metrics."""
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == expected_rc, stdout[-3000:]
+    assert "Traceback" not in stdout, stdout[-3000:]
+    last = [line for line in stdout.splitlines() if line.strip()][-1]
+    assert last.startswith(starts), stdout[-3000:]
+    assert "Run the same command again to resume" in last
+    stopped_at = int(last.split("at iteration ")[1].split(";")[0])
+    assert f"saved {out / f'model_{stopped_at:07d}.pth'}" in last
+    assert [r["iteration"] for r in read_metrics(out)] == list(range(1, stopped_at + 1))  # nothing after the stop
+    assert not (out / "teacher_backbone.pth").exists()
+    return last
+
+
+@pytest.mark.slow
+def test_dead_workers_and_sigterm_to_the_process_group_save_the_last_iteration(tmp_path, photo_folder, reference):
+    """With 2 real DataLoader workers. (1) The OOM killer takes one worker: the main process saves the last
+    completed iteration, names the worker and the signal in one line, exits 1. (2) After the resume, SIGTERM to the
+    whole process group (Slurm's scancel / time limit, `timeout`): the workers die first; the last completed
+    iteration is saved, exit 143. The run finished after both is the uninterrupted one."""
+    out = tmp_path / "run"
+    overrides = [*_overrides(photo_folder), "train.num_workers=2"]
+    proc = popen_train(out, overrides)
+    _wait_for(proc, out / "model_0000004.pth")
+    victim = _children(proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    last = _stopped(proc, out, 1, "ssl-distill train: stopped: DataLoader worker ")
+    assert f"DataLoader worker {victim} was killed by SIGKILL" in last
+    proc = popen_train(out, overrides)
+    _wait_for(proc, out / "model_0000014.pth")
+    os.killpg(proc.pid, signal.SIGTERM)
+    _stopped(proc, out, 143, "ssl-distill train: stopped by SIGTERM at iteration ")
+    resumed = run_train(out, overrides)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _losses(out) == _losses(reference)  # as if nothing had happened

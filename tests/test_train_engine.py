@@ -113,7 +113,7 @@ def test_two_rank_sigkill_resume_and_resume_on_one_rank(tmp_path, photo_folder):
     _assert_ok(run_train(killed, overrides, nproc=2))
     _assert_same_run(killed, ref)
     switched.mkdir()
-    for name in ("config.yaml", "model_0000006.pth"):
+    for name in ("config.yaml", "model_0000006.pth", "run_id"):  # run_id: continue that run here on purpose
         shutil.copy(ref / name, switched / name)
     one_rank = tiny_overrides(photo_folder, **common, **{"train.batch_size_per_gpu": 8})
     _assert_ok(run_train(switched, one_rank))

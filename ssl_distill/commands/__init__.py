@@ -181,8 +181,12 @@ _FILE_ADVICE = {
 def describe_file_error(exc: OSError, output_dir: str | None = None) -> str:
     """One line for a file-system error a user can fix: what, where, and what to do.
 
-    An error raised by a write (``f.write``, ``torch.save``) carries no file name; then the command's
+    A :class:`ssl_distill.fileio.DiskFullError` brings its own line (the file, the space it needs and the space
+    free). An error raised by a write (``f.write``, ``torch.save``) carries no file name; then the command's
     ``output_dir`` (where it writes) is named instead, so the line never ends in an empty ``:;``."""
+    line = getattr(exc, "line", None)
+    if isinstance(line, str):
+        return line
     what = exc.strerror or str(exc) or type(exc).__name__
     if exc.filename:
         where = f": '{exc.filename}'"

@@ -15,6 +15,7 @@ from ssl_distill.commands import UserError
 from ssl_distill.config import load_config
 from ssl_distill.data import BrokenImageError, DatasetError
 from ssl_distill.train.checkpoint import CheckpointError, export_backbone, find_latest_checkpoint
+from ssl_distill.train.loader_watch import LoaderFailed
 from ssl_distill.train.run_lock import RunLockedError
 from ssl_distill.train.signals import StopOnSignals
 from ssl_distill.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
@@ -62,6 +63,10 @@ def _train(cfg: DictConfig, args: argparse.Namespace, stop: StopOnSignals) -> in
         raise UserError(str(exc)) from None
     except TrainingDiverged as exc:
         print(f"ssl-distill train: training diverged: {exc}", file=sys.stderr)
+        return 1
+    except LoaderFailed as exc:
+        print(f"ssl-distill train: stopped: {exc.detail} at iteration {exc.iteration}; saved {exc.checkpoint}. Run "
+              "the same command again to resume from it.", file=sys.stderr)
         return 1
     except TrainingInterrupted as exc:
         if exc.reason and exc.reason != stop.signal_name:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ssl_distill.fileio import atomic_open, atomic_write_text
+from ssl_distill.fileio import atomic_open, atomic_write_text, tensor_bytes
 from ssl_distill.hub.hf import dinov2_to_hf, hf_config, hf_to_dinov2
 from ssl_distill.hub.registry import HubError
 
@@ -182,7 +182,7 @@ def save_weights(sd: StateDict, path: str | os.PathLike) -> Path:
     """Write a state dict atomically: safetensors if ``path`` ends in ``.safetensors``, else ``torch.save``."""
     path = Path(path)
     sd = {k: v.detach().contiguous() for k, v in sd.items()}
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", expected_size=tensor_bytes(sd)) as f:
         if path.suffix == ".safetensors":
             from safetensors.torch import save
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import http.client
 import json
@@ -40,7 +41,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from ssl_distill.fileio import _fsync_dir, atomic_write_text
+from ssl_distill.fileio import _fsync_dir, atomic_write_text, format_bytes, free_bytes
 from ssl_distill.hub.registry import HubError, ModelEntry, get_model
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,17 @@ def _exclusive(dest: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _cache_full(url: str, partial: Path, size: int | None) -> HubError:
+    """The download of ``url`` stopped because the cache's file system is full (its partial file is kept)."""
+    have = partial.stat().st_size if partial.exists() else 0
+    need = f"it needs {format_bytes(size - have)} more, " if size else ""
+    return HubError(
+        f"disk full while downloading {url} into {partial.parent}: {need}{format_bytes(free_bytes(partial.parent))} "
+        f"free. Free space there or set {HOME_ENV} to a cache on a larger disk; the {format_bytes(have)} already "
+        f"downloaded ({partial.name}) are kept and the download resumes from them."
+    )
 
 
 def _unreachable(url: str, dest: Path, why: str) -> HubError:
@@ -326,8 +338,12 @@ def _download_locked(url: str, dest: Path, check: _Check, progress: bool | None,
         except urllib.error.HTTPError as exc:
             raise HubError(f"download of {url} failed: HTTP {exc.code} {exc.reason}. Check the URL "
                            "(and SSL_DISTILL_BASE_URL if you use a mirror).") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
+            if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+                raise _cache_full(url, partial, check.size) from None
             raise _unreachable(url, dest, f"network error: {getattr(exc, 'reason', exc)}") from None
+        except http.client.HTTPException as exc:
+            raise _unreachable(url, dest, f"network error: {exc}") from None
     problems = _cheap_problems(partial, dataclasses.replace(check, sha256=None), {})
     if not problems and (zip_problem := _zip_problem(partial, check_crc=True)) is not None:
         problems.append(zip_problem)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ssl_distill.checkpoint_format import CHECKPOINT_FORMAT, extract_backbone, load_checkpoint
-from ssl_distill.fileio import atomic_open, atomic_write_text
+from ssl_distill.fileio import atomic_open, atomic_write_text, tensor_bytes
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "export_backbone", "extract_backbone", "find_latest_checkpoint",
            "list_checkpoints", "load_checkpoint", "load_latest_intact", "save_checkpoint"]
@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 _NAME_RE = re.compile(r"^model_(\d{7,})\.pth$")
 POINTER = "last_checkpoint"
 DAMAGED_SUFFIX = ".damaged"
+CHECKPOINT_ADVICE = ("free space (older checkpoints: train.keep_last_checkpoints) or move the output directory to a "
+                     "larger disk, then run the same command again to resume from the last checkpoint")
 
 
 def checkpoint_path(output_dir: str | os.PathLike, iteration: int) -> Path:
@@ -43,7 +45,7 @@ def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_l
     """Write ``state`` atomically as ``model_{iteration}.pth``, point ``last_checkpoint`` at it, prune old ones."""
     path = checkpoint_path(output_dir, int(state["iteration"]))
     payload = {"format": CHECKPOINT_FORMAT, "version": 1, **state}
-    with atomic_open(path, "wb") as f:
+    with atomic_open(path, "wb", expected_size=tensor_bytes(payload), advice=CHECKPOINT_ADVICE) as f:
         torch.save(payload, f)
     atomic_write_text(Path(output_dir) / POINTER, path.name + "\n")
     if keep_last > 0:
@@ -127,8 +129,8 @@ def load_latest_intact(output_dir: str | os.PathLike) -> tuple[Path, dict[str, A
 
 def export_backbone(checkpoint: str | os.PathLike, output: str | os.PathLike, which: str = "teacher") -> Path:
     """Write the teacher (or student) backbone of a checkpoint as a plain state dict, atomically."""
-    weights = extract_backbone(load_checkpoint(checkpoint), which)
-    with atomic_open(output, "wb") as f:
-        torch.save({k: v.contiguous() for k, v in weights.items()}, f)
+    weights = {k: v.contiguous() for k, v in extract_backbone(load_checkpoint(checkpoint), which).items()}
+    with atomic_open(output, "wb", expected_size=tensor_bytes(weights)) as f:
+        torch.save(weights, f)
     logger.info("exported %s backbone (%d tensors) to %s", which, len(weights), output)
     return Path(output)

@@ -35,11 +35,12 @@ from ssl_distill.data.pipeline import SeededMultiCropDataset
 from ssl_distill.train import checkpoint as ckpt
 from ssl_distill.train.arch_base import StudentTeacherArch
 from ssl_distill.train.diagnostics import CollapseMonitor, DivergenceWatch
+from ssl_distill.train.loader_watch import ChildWatch, LoaderFailed
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
-from ssl_distill.train.run_lock import RunLock, RunLockedError
+from ssl_distill.train.run_dir import check_room_for_a_checkpoint, prepare_output_dir, take_run_lock
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.setup import resolve_precision, wrap_for_distributed
 from ssl_distill.train.state import gather_state, restore_state
@@ -71,24 +72,12 @@ def build_arch(cfg: DictConfig, load_pretrained: bool = True) -> StudentTeacherA
     return SSLMetaArch(cfg, load_pretrained=load_pretrained)
 
 
-def _take_run_lock(output_dir: Path) -> RunLock | None:
-    """Rank 0 locks ``output_dir`` for this run; a refusal is raised on every rank."""
-    lock, refusal = None, None
-    if distributed.is_main_process():
-        try:
-            lock = RunLock(output_dir).acquire()
-        except RunLockedError as exc:
-            refusal = str(exc)
-    refusal = distributed.broadcast_object(refusal)
-    if refusal is not None:
-        raise RunLockedError(refusal)
-    return lock
-
-
 def _worker_ignores_ctrl_c(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C (which the terminal sends to the whole process group) to the main process,
     which stops after a checkpoint: a worker that died of it would break the loader in the middle of that. SIGTERM
-    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it."""
+    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it (a worker
+    ignoring it once hung the exit). When a SIGTERM to the whole process group kills the workers first, the loop
+    sees the loader fail at its next batch and stops as the signal asks (:mod:`~ssl_distill.train.loader_watch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -145,7 +134,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.env = distributed.init_distributed()
         self.world = distributed.get_world_size()
-        self._lock = _take_run_lock(self.output_dir)
+        self._lock = take_run_lock(self.output_dir)
         try:
             self._build(cfg, resume)
         except BaseException:
@@ -179,9 +168,15 @@ class Trainer:
         self.collapse = CollapseMonitor(cfg)
         self.last_checkpoint: Path | None = None
         self.start_iter = self._restore(resume_from)
+        self._check_room_for_a_checkpoint()
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
             save_config(cfg, self.output_dir / "config.yaml")
+
+    def _check_room_for_a_checkpoint(self) -> None:
+        """Fail now, not at the first checkpoint hours later, when the disk cannot hold one (rank 0 writes)."""
+        if distributed.is_main_process():
+            check_room_for_a_checkpoint(self.meta, ckpt.checkpoint_path(self.output_dir, self.total_iters))
 
     def request_stop(self, reason: str = "") -> None:
         """Ask the loop to checkpoint the current iteration and raise :class:`TrainingInterrupted` (``reason``, e.g.
@@ -206,17 +201,16 @@ class Trainer:
             self._lock = None
 
     def _find_resume(self, resume: bool) -> Path | None:
-        """The newest intact checkpoint of the output directory (rank 0 chooses and keeps its state; every rank
-        learns the choice), or None to start fresh."""
-        self._resume_state = None
-        if not resume:
-            return None
+        """The newest intact checkpoint of this run in the output directory (rank 0 chooses and keeps its state;
+        every rank learns the choice), or None to start fresh. Rank 0 also removes temp files of interrupted writes,
+        settles the run's identity (:mod:`~ssl_distill.train.run_identity`: another run's checkpoint is refused)
+        and, when starting over, moves an earlier run's files aside."""
+        self._resume_state, self.run_id = None, None
         choice: tuple[str, str | None] = ("ok", None)
         if distributed.is_main_process():
             try:
-                found = ckpt.load_latest_intact(self.output_dir)
-                if found is not None:
-                    self._resume_state = found[1]
+                found, self.run_id = prepare_output_dir(self.output_dir, resume)
+                self._resume_state = found[1] if found else None
                 choice = ("ok", found[0].name if found else None)
             except ckpt.CheckpointError as exc:
                 choice = ("error", str(exc))
@@ -257,6 +251,7 @@ class Trainer:
         )
         path = None
         if state is not None:
+            state["run_id"] = self.run_id
             path = ckpt.save_checkpoint(self.output_dir, state, keep_last=self.cfg.train.keep_last_checkpoints)
             self.last_checkpoint = path
         distributed.barrier()
@@ -302,6 +297,7 @@ class Trainer:
         loader = build_train_loader(cfg, self.dataset, self.start_iter * self.global_batch, self.device.type == "cuda")
         metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
         data_iter = iter(loader)
+        children = ChildWatch()  # after iter(): replaces the handler PyTorch installs there
         it, broken, window_start, data_time = self.start_iter, 0, time.perf_counter(), 0.0
         self.meta.train()
         try:
@@ -311,7 +307,15 @@ class Trainer:
                     logger.warning("stop requested: saved iteration %d to %s", it, path)
                     raise TrainingInterrupted(it, path, self.stop_reason)
                 t0 = time.perf_counter()
-                batch = next(data_iter)
+                failure = None
+                try:
+                    batch = next(data_iter)
+                except RuntimeError as exc:
+                    if not children.explains(exc):
+                        raise
+                    failure = children.describe(str(exc))
+                if failure is not None:  # outside the except: its traceback would keep the loader's workers alive
+                    self._stop_after_loader_failure(it, failure)
                 data_time += time.perf_counter() - t0
                 broken += int(batch["n_broken"])  # this rank's (a CPU tensor); summed over ranks when logged
                 record = self.step(batch, it)
@@ -331,9 +335,20 @@ class Trainer:
         finally:
             metrics.close()
             data_iter = loader = None  # shut the workers down now, not when the (possibly raised) frame is freed
+            children.restore()
         if self.start_iter < self.total_iters or self.last_checkpoint is None:
             self.save(self.total_iters)
         return self._finish()
+
+    def _stop_after_loader_failure(self, it: int, detail: str) -> None:
+        """The loader broke before iteration ``it`` (a worker died): the model holds the state after ``it``
+        completed iterations, intact, so save it and stop — as a signal's stop when one arrived (the whole process
+        group got it: workers die first), else :class:`LoaderFailed` naming the worker and its signal."""
+        path = self.save(it)
+        logger.warning("the data loader failed (%s): saved iteration %d to %s", detail, it, path)
+        if self.stop_requested:
+            raise TrainingInterrupted(it, path, self.stop_reason) from None
+        raise LoaderFailed(it, path, detail) from None
 
     def _logs_after(self, completed: int) -> bool:
         """Whether a metric line is written after ``completed`` iterations (collapse statistics are computed then)."""
