@@ -40,6 +40,7 @@ from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.metrics import MetricsWriter
 from ssl_distill.train.monitor import KnnMonitor
 from ssl_distill.train.optim import apply_optim_schedule, build_optimizer, param_groups
+from ssl_distill.train.resume_config import check_resumed_config, keep_previous_config
 from ssl_distill.train.run_dir import check_room_for_a_checkpoint, prepare_output_dir, take_run_lock
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.setup import resolve_precision, wrap_for_distributed
@@ -167,10 +168,13 @@ class Trainer:
         self.monitor = KnnMonitor(cfg) if KnnMonitor.enabled(cfg) else None
         self.collapse = CollapseMonitor(cfg)
         self.last_checkpoint: Path | None = None
+        self._config_changed = False  # set by _restore: resumed with another config than the checkpoint's
         self.start_iter = self._restore(resume_from)
         self._check_room_for_a_checkpoint()
         if distributed.is_main_process():
             logger.info("config:\n%s", config_to_yaml(cfg))
+            if self._config_changed:
+                keep_previous_config(self.output_dir, self.start_iter)
             save_config(cfg, self.output_dir / "config.yaml")
 
     def _check_room_for_a_checkpoint(self) -> None:
@@ -226,6 +230,7 @@ class Trainer:
             return 0
         state = self._resume_state if self._resume_state is not None else ckpt.load_checkpoint(path)
         self._resume_state = None
+        self._config_changed = check_resumed_config(state.get("config"), self.cfg, path, int(state["iteration"]))
         restore_state(self.meta, self.optimizer, self.scaler, state)
         self.last_checkpoint = path
         logger.info("resumed from %s at iteration %d", path, state["iteration"])
