@@ -8,6 +8,7 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
+from ssl_distill.eval import knn
 from ssl_distill.eval.knn import (
     _inverse_row_norms,
     few_shot_indices,
@@ -248,3 +249,131 @@ def test_non_finite_features_are_one_clear_error():
     train[3, 1] = float("nan")
     with pytest.raises(ValueError, match="train features contain NaN or inf"):
         knn_accuracy(train, train_labels, test, test_labels, [1])
+
+
+# --------------------------------------------------------------------------- the float32 scan and its exact fallback
+
+
+def _mixed_bank(seed=0):
+    """300 train rows in 16-D, large enough that ``k + CANDIDATE_MARGIN`` candidates are a real subset: 100 clustered
+    random rows (their top-k is well separated, the float32 scan proves it) and 200 rows collinear to ~1e-9 like a
+    random ViT's CLS features (every similarity within float32 error of the others: the proof fails, the exact search
+    answers), 7 classes. Queries: 8 random ones, then 8 collinear ones, then 4 copies of train rows."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(7, 16, generator=g)
+    rand_labels = torch.randint(0, 7, (100,), generator=g)
+    rand = centers[rand_labels] + 0.5 * torch.randn(100, 16, generator=g)
+    mean = torch.randn(16, generator=g)
+    collinear = mean + 1e-5 * torch.randn(200, 16, generator=g)  # float32: the noise is ~1e-5 of the norm
+    col_labels = torch.randint(0, 7, (200,), generator=g)
+    train = torch.cat([rand[:50], collinear, rand[50:]])
+    train_labels = torch.cat([rand_labels[:50], col_labels, rand_labels[50:]])
+    q_labels = torch.randint(0, 7, (8,), generator=g)
+    test = torch.cat([centers[q_labels] + 0.5 * torch.randn(8, 16, generator=g),
+                      mean + 1e-5 * torch.randn(8, 16, generator=g), train[[3, 60, 120, 280]]])
+    test_labels = torch.cat([q_labels, torch.randint(0, 7, (12,), generator=g)])
+    return train, train_labels, test, test_labels
+
+
+@pytest.fixture
+def exact_rows(monkeypatch):
+    """Counts the queries the exact float64 search answers (the fallback), one entry per call."""
+    calls = []
+    original = knn._topk_exact
+
+    def spy(q, *args):
+        calls.append(q.shape[0])
+        return original(q, *args)
+
+    monkeypatch.setattr(knn, "_topk_exact", spy)
+    return calls
+
+
+def test_well_separated_bank_is_answered_by_the_float32_scan_alone(exact_rows):
+    """Clustered random features: every query's candidates provably hold its exact top-k, so no query reaches the
+    exact search, and the neighbours, similarities and counts equal the exact search's and the reference's."""
+    train, train_labels, test, test_labels = _mixed_bank()
+    keep = torch.cat([torch.arange(50), torch.arange(250, 300)])  # the 100 random rows only
+    train, train_labels, test = train[keep], train_labels[keep], test[:8]
+    ks = [1, 3, 10, 20]
+    assert max(ks) + knn.CANDIDATE_MARGIN < train.shape[0]  # the candidates are a real subset: the proof is needed
+    want = _reference_counts(train, train_labels, test, test_labels[:8], ks, 0.07, 7)
+    for chunk, query_batch in ((7, 3), (1000, 256)):
+        got = knn_correct_counts(train, train_labels, test, test_labels[:8], ks, 0.07, 7, query_batch, chunk)
+        assert {k: v.tolist() for k, v in got.items()} == want
+    assert exact_rows == []
+    q = torch.nn.functional.normalize(test.double(), dim=1)
+    scale = _inverse_row_norms(train)
+    sims, idx = topk_neighbours(q, train, 20, train_chunk=9, train_scale=scale)
+    assert exact_rows == []
+    ref_sims, ref_idx = knn._topk_exact(q, train, 20, 9, scale)
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(sims, ref_sims)
+
+
+def test_collinear_queries_fall_back_to_the_exact_search(exact_rows):
+    """The collinear block defeats the float32 proof for the collinear queries (and only the rows that fail go to the
+    exact search); the random queries stay on the fast path; the counts equal the reference either way."""
+    train, train_labels, test, test_labels = _mixed_bank()
+    ks = [1, 5, 10]
+    got = knn_correct_counts(train, train_labels, test, test_labels, ks, 0.07, 7, train_chunk=64)
+    assert {k: v.tolist() for k, v in got.items()} == _reference_counts(train, train_labels, test, test_labels, ks,
+                                                                         0.07, 7)
+    assert len(exact_rows) == 1
+    assert 8 <= exact_rows[0] < test.shape[0]  # the 8 collinear queries at least, never all of them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("perm_seed", [0, 1])
+def test_fast_and_exact_paths_equal_the_reference_for_any_order_chunk_and_dtype(dtype, perm_seed, monkeypatch):
+    """The mixed bank in any order and dtype, with no margin (every query takes the exact search), one candidate of
+    margin (most do) and the default (few do), for several chunk sizes and query batches: always the reference."""
+    train, train_labels, test, test_labels = _mixed_bank(seed=2)
+    perm = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(perm_seed))
+    train, train_labels, test = train[perm].to(dtype), train_labels[perm], test.to(dtype)
+    ks = [1, 2, 5, 9]
+    want = _reference_counts(train, train_labels, test, test_labels, ks, 0.07, 7)
+    for margin in (0, 1, knn.CANDIDATE_MARGIN):
+        monkeypatch.setattr(knn, "CANDIDATE_MARGIN", margin)
+        for chunk, query_batch in ((1, 20), (37, 3), (1000, 256)):
+            got = knn_correct_counts(train, train_labels, test, test_labels, ks, 0.07, 7, query_batch, chunk)
+            assert {k: v.tolist() for k, v in got.items()} == want, (margin, chunk, query_batch)
+
+
+def test_features_beyond_the_float32_bound_take_the_exact_search(exact_rows):
+    """float64 features of norm ~2^40 would overflow the float32 scan's products: the whole bank goes exact."""
+    train, train_labels, test, test_labels = _mixed_bank()
+    train, test = train.double() * 2.0**40, test.double()
+    ks = [1, 5]
+    got = knn_correct_counts(train, train_labels, test, test_labels, ks, 0.07, 7)
+    assert {k: v.tolist() for k, v in got.items()} == _reference_counts(train, train_labels, test, test_labels, ks,
+                                                                         0.07, 7)
+    assert exact_rows == [test.shape[0]]
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, "matmul"), reason="torch < 2.9: no per-backend fp32 precision")
+def test_float32_scan_runs_in_ieee_precision_and_restores_the_flags(monkeypatch):
+    """With TF32 (CUDA) and bf16 (oneDNN) allowed for float32 matmuls, the scan still runs in IEEE float32, which its
+    error bound assumes, and the caller's flags are back afterwards."""
+    seen = []
+    original = knn._scan_float32
+
+    def spy(*args):
+        seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return original(*args)
+
+    monkeypatch.setattr(knn, "_scan_float32", spy)
+    train, train_labels, test, test_labels = _mixed_bank()
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    old = [b.fp32_precision for b in backends]
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        got = knn_correct_counts(train, train_labels, test, test_labels, [1, 5], 0.07, 7)
+        assert [b.fp32_precision for b in backends] == ["tf32", "bf16"]
+    finally:
+        for b, o in zip(backends, old):
+            b.fp32_precision = o
+    assert seen == [("ieee", "ieee")]
+    want = _reference_counts(train, train_labels, test, test_labels, [1, 5], 0.07, 7)
+    assert {k: v.tolist() for k, v in got.items()} == want
