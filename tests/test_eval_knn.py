@@ -8,15 +8,9 @@ import pytest
 import torch
 from dist_utils import run_distributed
 
-from ssl_distill.eval import knn
-from ssl_distill.eval.knn import (
-    _inverse_row_norms,
-    few_shot_indices,
-    knn_accuracy,
-    knn_correct_counts,
-    knn_few_shot,
-    topk_neighbours,
-)
+from ssl_distill.eval import knn_search
+from ssl_distill.eval.knn import few_shot_indices, knn_accuracy, knn_correct_counts, knn_few_shot
+from ssl_distill.eval.knn_search import _inverse_row_norms, topk_neighbours
 
 
 def _brute_force(train, train_labels, test, test_labels, k, T, num_classes):
@@ -279,13 +273,13 @@ def _mixed_bank(seed=0):
 def exact_rows(monkeypatch):
     """Counts the queries the exact float64 search answers (the fallback), one entry per call."""
     calls = []
-    original = knn._topk_exact
+    original = knn_search._topk_exact
 
     def spy(q, *args):
         calls.append(q.shape[0])
         return original(q, *args)
 
-    monkeypatch.setattr(knn, "_topk_exact", spy)
+    monkeypatch.setattr(knn_search, "_topk_exact", spy)
     return calls
 
 
@@ -296,7 +290,7 @@ def test_well_separated_bank_is_answered_by_the_float32_scan_alone(exact_rows):
     keep = torch.cat([torch.arange(50), torch.arange(250, 300)])  # the 100 random rows only
     train, train_labels, test = train[keep], train_labels[keep], test[:8]
     ks = [1, 3, 10, 20]
-    assert max(ks) + knn.CANDIDATE_MARGIN < train.shape[0]  # the candidates are a real subset: the proof is needed
+    assert max(ks) + knn_search.CANDIDATE_MARGIN < train.shape[0]  # candidates are a real subset: the proof matters
     want = _reference_counts(train, train_labels, test, test_labels[:8], ks, 0.07, 7)
     for chunk, query_batch in ((7, 3), (1000, 256)):
         got = knn_correct_counts(train, train_labels, test, test_labels[:8], ks, 0.07, 7, query_batch, chunk)
@@ -306,7 +300,7 @@ def test_well_separated_bank_is_answered_by_the_float32_scan_alone(exact_rows):
     scale = _inverse_row_norms(train)
     sims, idx = topk_neighbours(q, train, 20, train_chunk=9, train_scale=scale)
     assert exact_rows == []
-    ref_sims, ref_idx = knn._topk_exact(q, train, 20, 9, scale)
+    ref_sims, ref_idx = knn_search._topk_exact(q, train, 20, 9, scale)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(sims, ref_sims)
 
@@ -333,8 +327,8 @@ def test_fast_and_exact_paths_equal_the_reference_for_any_order_chunk_and_dtype(
     train, train_labels, test = train[perm].to(dtype), train_labels[perm], test.to(dtype)
     ks = [1, 2, 5, 9]
     want = _reference_counts(train, train_labels, test, test_labels, ks, 0.07, 7)
-    for margin in (0, 1, knn.CANDIDATE_MARGIN):
-        monkeypatch.setattr(knn, "CANDIDATE_MARGIN", margin)
+    for margin in (0, 1, knn_search.CANDIDATE_MARGIN):
+        monkeypatch.setattr(knn_search, "CANDIDATE_MARGIN", margin)
         for chunk, query_batch in ((1, 20), (37, 3), (1000, 256)):
             got = knn_correct_counts(train, train_labels, test, test_labels, ks, 0.07, 7, query_batch, chunk)
             assert {k: v.tolist() for k, v in got.items()} == want, (margin, chunk, query_batch)
@@ -356,13 +350,13 @@ def test_float32_scan_runs_in_ieee_precision_and_restores_the_flags(monkeypatch)
     """With TF32 (CUDA) and bf16 (oneDNN) allowed for float32 matmuls, the scan still runs in IEEE float32, which its
     error bound assumes, and the caller's flags are back afterwards."""
     seen = []
-    original = knn._scan_float32
+    original = knn_search._scan_float32
 
     def spy(*args):
         seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
         return original(*args)
 
-    monkeypatch.setattr(knn, "_scan_float32", spy)
+    monkeypatch.setattr(knn_search, "_scan_float32", spy)
     train, train_labels, test, test_labels = _mixed_bank()
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
     old = [b.fp32_precision for b in backends]
