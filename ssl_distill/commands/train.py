@@ -8,6 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
 
 from ssl_distill import distributed
@@ -16,6 +17,7 @@ from ssl_distill.config import load_config
 from ssl_distill.data import BrokenImageError, DatasetError
 from ssl_distill.train.checkpoint import CheckpointError, export_backbone, find_latest_checkpoint
 from ssl_distill.train.loader_watch import LoaderFailed
+from ssl_distill.train.memory import is_out_of_memory, out_of_memory_line
 from ssl_distill.train.run_lock import RunLockedError
 from ssl_distill.train.signals import StopOnSignals
 from ssl_distill.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted
@@ -61,6 +63,12 @@ def _train(cfg: DictConfig, args: argparse.Namespace, stop: StopOnSignals) -> in
         summary = trainer.run()
     except (FileNotFoundError, BrokenImageError, DatasetError, CheckpointError, RunLockedError) as exc:
         raise UserError(str(exc)) from None
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        latest = find_latest_checkpoint(args.output_dir)
+        kept = f" The last checkpoint, {latest}, is intact." if latest else ""
+        raise UserError(out_of_memory_line(exc, cfg) + kept) from None
     except TrainingDiverged as exc:
         print(f"ssl-distill train: training diverged: {exc}", file=sys.stderr)
         return 1
