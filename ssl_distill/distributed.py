@@ -81,19 +81,22 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return holder[0]
 
 
+def _all_reduce(tensor: torch.Tensor, op: Any, group: Any = None) -> torch.Tensor:
+    """In-place ``op`` over the ranks of ``group`` (default: the world); a no-op alone. Returns ``tensor``."""
+    if is_enabled() and get_world_size() > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """In-place sum over ranks (no-op alone). Returns ``tensor`` for chaining. ``group``: a process group (default:
     the world)."""
-    if is_enabled() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
 
 
 def all_reduce_min(tensor: torch.Tensor) -> torch.Tensor:
     """In-place minimum over ranks (no-op alone). Returns ``tensor``."""
-    if is_enabled() and get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return tensor
+    return _all_reduce(tensor, dist.ReduceOp.MIN)
 
 
 def new_host_group() -> Any:
