@@ -1,90 +1,94 @@
-"""The house's floors (docs/ARCHITECTURE.md): lower packages never import upper ones, no import cycle, one registry."""
+"""The house's floors (docs/ARCHITECTURE.md): ordered floors, imports only downwards (also those written as strings),
+no import cycle, one registry; and proof that the checker (tests/import_graph.py) sees what it must."""
 
 from __future__ import annotations
 
-import ast
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
+
+from import_graph import find_cycle, read_package, unit_graph, wrong_way_arrows
 
 from ssl_distill.commands import COMMANDS
 from ssl_distill.commands import _load as load_reference
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ssl_distill"
-LOWER = {"models", "data", "losses", "hub", "eval", "viz", "checkpoint_format", "config", "distributed", "fileio"}
-UPPER = {"train", "launch", "cli", "commands", "demo"}
+# Lowest first; a unit imports units on its own floor or lower ones, never higher (docs/ARCHITECTURE.md, "Floors").
+FLOORS = [
+    {"ssl_distill", "config", "distributed", "fileio", "checkpoint_format", "pickle_scan"},
+    {"models"},
+    {"data", "losses"},
+    {"hub"},
+    {"eval", "viz"},
+    {"train"},
+    {"launch", "demo"},
+    {"commands"},
+    {"cli"},
+]
+LOWER = set().union(*FLOORS[:5])  # the floors below training: what a backbone, a loss or an evaluation may use
+UPPER = set().union(*FLOORS[5:])
 
 
-def _unit(module: str) -> str:
-    """``ssl_distill.models.vit`` -> ``models``; ``ssl_distill`` itself -> ``ssl_distill``."""
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else parts[0]
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Every ``ssl_distill`` module ``path`` imports, at module level or inside functions."""
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
-            # `from ssl_distill import distributed` imports the module ssl_distill.distributed
-            found.update(f"{base}.{a.name}" if base == "ssl_distill" else base for a in node.names)
-    return {m for m in found if m.startswith("ssl_distill.")}
-
-
-def _package_graph() -> dict[str, set[str]]:
-    """Top-level unit (``models``, ``train``, ``cli`` ...) -> the units it imports."""
-    graph: dict[str, set[str]] = defaultdict(set)
-    for path in PACKAGE.rglob("*.py"):
-        parts = list(path.relative_to(REPO).with_suffix("").parts)
-        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        for target in _imports(path, module):
-            if _unit(target) != _unit(module):
-                graph[_unit(module)].add(_unit(target))
-    return graph
+def _package_graph(sources: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """Top-level unit -> the units it imports, by statement or by string (tests/import_graph.py)."""
+    return unit_graph(read_package(PACKAGE) if sources is None else sources)
 
 
 def test_lower_floors_never_import_upper_ones():
     graph = _package_graph()
     arrows = sorted(f"{low} -> {up}" for low in LOWER for up in graph.get(low, ()) if up in UPPER)
     assert arrows == []
+    assert wrong_way_arrows(graph, FLOORS) == []  # and the floors are ordered among themselves
 
 
 def test_no_import_cycle_between_packages():
-    graph = _package_graph()
-    state: dict[str, str] = {}
-
-    def visit(node: str, path: list[str]) -> list[str] | None:
-        state[node] = "open"
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == "open":
-                return [*path, node, nxt]
-            if nxt not in state:
-                cycle = visit(nxt, [*path, node])
-                if cycle:
-                    return cycle
-        state[node] = "done"
-        return None
-
-    for start in sorted(graph):
-        if start not in state:
-            cycle = visit(start, [])
-            assert cycle is None, " -> ".join(cycle)
+    cycle = find_cycle(_package_graph())
+    assert cycle is None, " -> ".join(cycle)
 
 
 def test_the_slurm_job_runs_commands_through_the_registry_not_the_cli():
     graph = _package_graph()
     assert "cli" not in graph["launch"]
-    assert "commands" in graph["launch"]
+    assert "commands" not in graph["launch"]  # the registry hands the launcher its run_command
+    assert "launch" in graph["commands"]
     assert graph["cli"] == {"commands"}  # the CLI only parses; the registry runs
+
+
+def _planted(module: str, line: str) -> dict[str, str]:
+    """The package's sources with ``line`` appended to ``module``."""
+    sources = read_package(PACKAGE)
+    sources[module] += "\n" + line + "\n"
+    return sources
+
+
+def test_the_checker_sees_a_string_import_cycle():
+    # a launcher naming the registry by string, as the registry names the launcher: no import statement anywhere
+    sources = _planted("ssl_distill.launch.common", 'RUN = "ssl_distill.commands:run_command"')
+    graph = _package_graph(sources)
+    assert find_cycle(graph) == ["commands", "launch", "commands"]
+    assert wrong_way_arrows(graph, FLOORS) == ["launch -> commands"]
+    # importlib.import_module's argument, and an f-string over the module's own constant, are imports too
+    for line in ('importlib.import_module("ssl_distill.cli")', '_AT = "ssl_distill.cli"\nREF = f"{_AT}:main"'):
+        assert wrong_way_arrows(_package_graph(_planted("ssl_distill.train.trainer", line)), FLOORS) \
+            == ["train -> cli"], line
+
+
+def test_the_checker_sees_a_lower_floor_importing_a_higher_one():
+    sources = _planted("ssl_distill.models.vit", "from ssl_distill.eval import knn")
+    assert wrong_way_arrows(_package_graph(sources), FLOORS) == ["models -> eval"]
+    sources = _planted("ssl_distill.models.vit", "from ..eval.knn import knn_accuracy")  # relative
+    assert wrong_way_arrows(_package_graph(sources), FLOORS) == ["models -> eval"]
+    sources = _planted("ssl_distill.data.pipeline", "from ssl_distill import hub")
+    assert wrong_way_arrows(_package_graph(sources), FLOORS) == ["data -> hub"]
+
+
+def test_the_checker_ignores_text_that_names_no_module():
+    # a docstring and a format tag that look like module paths are not imports; an unknown unit is named
+    sources = _planted("ssl_distill.models.vit", '"""ssl_distill.eval"""\nTAG = "ssl_distill.checkpoint"')
+    assert wrong_way_arrows(_package_graph(sources), FLOORS) == []
+    sources = {**read_package(PACKAGE), "ssl_distill.newroom": "from ssl_distill import config"}
+    assert wrong_way_arrows(_package_graph(sources), FLOORS) == ["newroom -> ? (on no floor)"]
 
 
 def test_every_registered_command_resolves_to_its_functions():
@@ -105,8 +109,9 @@ def test_help_imports_no_torch():
 
 
 def test_slurm_command_runs_a_command_without_the_cli_module():
-    code = ("import sys\nfrom ssl_distill.launch.slurm import SlurmCommand\n"
-            "code = SlurmCommand('config', ['--changed', 'optim.epochs=17'], backend='gloo')()\n"
+    code = ("import sys\nfrom ssl_distill.commands import run_command\n"
+            "from ssl_distill.launch.slurm import SlurmCommand\n"
+            "code = SlurmCommand('config', ['--changed', 'optim.epochs=17'], backend='gloo', run=run_command)()\n"
             "print('cli imported:', 'ssl_distill.cli' in sys.modules, 'exit', code)")
     proc = _run_python(code)
     assert proc.returncode == 0, proc.stderr

@@ -22,8 +22,9 @@ from slurm_cluster import ClusterUnavailable, SlurmCluster, start_cluster
 from train_utils import TINY, cli_env, run_train, tiny_overrides
 
 from ssl_distill.cli import build_parser, main
+from ssl_distill.commands import run_command
 from ssl_distill.data.digits import write_digits_folders
-from ssl_distill.launch import slurm
+from ssl_distill.launch import common, slurm
 from ssl_distill.models import vit_tiny
 from ssl_distill.train.checkpoint import list_checkpoints
 from ssl_distill.train.metrics import read_metrics
@@ -98,17 +99,17 @@ def test_finished_run_is_refused_unless_continued(tmp_path, photo_folder, fake_s
     err = capsys.readouterr().err
     assert "already holds a finished training run" in err
     assert "--continue" in err
-    slurm.check_output_dir("train", out, continue_run=True)  # told to continue: accepted
-    slurm.check_output_dir("eval-knn", out, continue_run=False)  # no k-NN results there yet
+    common.check_output_dir("train", out, continue_run=True)  # told to continue: accepted
+    common.check_output_dir("eval-knn", out, continue_run=False)  # no k-NN results there yet
     (out / "results_eval_knn.json").write_text("{}")
-    with pytest.raises(slurm.SubmitError, match="finished eval-knn results"):
-        slurm.check_output_dir("eval-knn", out, continue_run=False)
+    with pytest.raises(common.SubmitError, match="finished eval-knn results"):
+        common.check_output_dir("eval-knn", out, continue_run=False)
     # mistakes in the pass-through arguments surface at submit time, not in the queue
     assert main(["submit", "--output-dir", str(tmp_path / "new"), "train", "--config-file", TINY,
                  "train.dataset_path=/nonexistent/images"]) == 2
     assert "train.dataset_path /nonexistent/images does not exist" in capsys.readouterr().err
-    with pytest.raises(slurm.SubmitError, match="differs from submit's --output-dir"):
-        slurm.with_output_dir(["--output-dir", str(tmp_path / "elsewhere")], str(out))
+    with pytest.raises(common.SubmitError, match="differs from submit's --output-dir"):
+        common.with_output_dir(["--output-dir", str(tmp_path / "elsewhere")], str(out))
 
 
 def test_unconfigured_slurm_is_one_line_with_the_local_alternative(tmp_path, photo_folder, fake_slurm_tools,
@@ -129,7 +130,7 @@ def test_unconfigured_slurm_is_one_line_with_the_local_alternative(tmp_path, pho
 
 
 def test_requeue_counts_and_drops_no_resume():
-    job = slurm.SlurmCommand("train", ["--no-resume", "optim.epochs=2"], max_requeues=2)
+    job = slurm.SlurmCommand("train", ["--no-resume", "optim.epochs=2"], max_requeues=2, run=run_command)
     again = job.checkpoint().function
     assert again.requeues == 1
     assert again.args == ["optim.epochs=2"]

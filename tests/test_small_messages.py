@@ -14,10 +14,10 @@ from PIL import Image
 from train_utils import TINY
 
 from ssl_distill.cli import build_parser, main
-from ssl_distill.commands import UserError, describe_file_error, parse_command
+from ssl_distill.commands import UserError, describe_file_error, parse_command, run_command
+from ssl_distill.commands.submit import validate_submitted
 from ssl_distill.data.datasets import BrokenImageError, build_image_dataset
 from ssl_distill.launch import slurm
-from ssl_distill.launch.submit import validate_submitted
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
@@ -94,4 +94,4 @@ def test_submit_without_srun_is_one_line(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(slurm, "check_slurm_available", lambda: None)  # submitit's own check, behind ours
     args = build_parser().parse_args(["submit", "--output-dir", str(tmp_path / "run"), "eval-knn"])
     with pytest.raises(slurm.SubmitError, match='submitit cannot use Slurm here: Could not detect "srun"'):
-        slurm.submit(args, [])
+        slurm.submit(args, [], run_command)

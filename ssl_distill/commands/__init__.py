@@ -43,7 +43,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             description="Pretrain with the DINOv2 recipe. Launch with torchrun for several processes; "
             "`ssl-distill submit ... train` for Slurm."),
     Command("submit", "run train / eval-knn / eval-linear on Slurm (submitit; requeues on preemption)",
-            "ssl_distill.launch.args:add_submit_args", "ssl_distill.launch.submit:run_submit"),  # its own description
+            "ssl_distill.launch.args:add_submit_args", f"{_HERE}.submit:run_submit"),  # its own description
     Command("export", "write a checkpoint's teacher backbone as an official-layout state dict",
             f"{_HERE}.args:add_export_args", f"{_HERE}.train:run_export"),
     Command("eval-knn", "weighted k-NN accuracy of a frozen backbone on a labelled image folder",

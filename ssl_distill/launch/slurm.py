@@ -13,6 +13,10 @@ pickles it and requeues the job, which resumes from the checkpoint with the same
 lost. After ``--max-requeues`` requeues the job ends instead (``UncompletedJobError`` in the log). Evaluation jobs are
 simply requeued and run again.
 
+This module holds only what is Slurm's and submitit's: the launcher-neutral parts (the output-directory checks, the
+finished marker, starting a task, the preemption hand-off) are :mod:`ssl_distill.launch.common`, which a Kubernetes
+or Ray launcher beside this module would reuse.
+
 Output directory layout (``DIR``)::
 
     config.yaml                    the full resolved config (train)
@@ -32,22 +36,18 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ssl_distill.launch.args import ENV_DEFAULTS
+from ssl_distill.launch.common import RunCommand, SubmitError, check_output_dir, run_task, start_task, train_preemptibly
 
 logger = logging.getLogger(__name__)
 SLURM_SUBDIR = "slurm"
 _RUN_LOCALLY = ("To run without Slurm: `ssl-distill train --output-dir DIR ...` (one process) or "
                 "`torchrun --nproc_per_node=N -m ssl_distill.cli train --output-dir DIR ...` (N processes).")
-
-
-class SubmitError(Exception):
-    """A submission the user can fix (no Slurm here, a finished run in DIR, conflicting flags)."""
 
 
 def check_slurm_available(which: Callable[[str], str | None] | None = None) -> None:
@@ -58,43 +58,6 @@ def check_slurm_available(which: Callable[[str], str | None] | None = None) -> N
     if missing:
         names = " and ".join(missing) if len(missing) < 3 else "sbatch, squeue and srun"
         raise SubmitError(f"Slurm is not available on this machine ({names} not found on PATH). " + _RUN_LOCALLY)
-
-
-def with_output_dir(command_args: list[str], output_dir: str) -> list[str]:
-    """``command_args`` with ``--output-dir output_dir`` appended; a different ``--output-dir`` in them is an error."""
-    for i, arg in enumerate(command_args):
-        value = None
-        if arg == "--output-dir" and i + 1 < len(command_args):
-            value = command_args[i + 1]
-        elif arg.startswith("--output-dir="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            if Path(value).resolve() != Path(output_dir).resolve():
-                raise SubmitError(f"the command's --output-dir {value} differs from submit's --output-dir "
-                                  f"{output_dir}; give it once, before the command")
-            return list(command_args)
-    return [*command_args, "--output-dir", str(output_dir)]
-
-
-def finished_marker(command: str, output_dir: str | os.PathLike) -> Path:
-    """The file whose presence means ``command`` already finished in ``output_dir``."""
-    if command == "train":
-        from ssl_distill.train.trainer import TEACHER_EXPORT
-
-        return Path(output_dir) / TEACHER_EXPORT
-    from ssl_distill.eval.args import KNN_RESULTS, LINEAR_RESULTS
-
-    return Path(output_dir) / (KNN_RESULTS if command == "eval-knn" else LINEAR_RESULTS)
-
-
-def check_output_dir(command: str, output_dir: str | os.PathLike, continue_run: bool) -> None:
-    """Refuse a directory that holds a finished ``command`` run (unless ``continue_run``)."""
-    marker = finished_marker(command, output_dir)
-    if marker.exists() and not continue_run:
-        what = ("a finished training run" if command == "train" else f"finished {command} results")
-        raise SubmitError(f"{output_dir} already holds {what} ({marker.name}). Choose another --output-dir, or pass "
-                          "--continue to run again there (train resumes from its last checkpoint, e.g. with a "
-                          "larger optim.epochs).")
 
 
 def active_jobs(output_dir: str | os.PathLike, timeout_s: float = 60) -> dict[str, str]:
@@ -163,6 +126,8 @@ class SlurmCommand:
 
     ``requeues`` counts the requeues so far; :meth:`checkpoint` refuses once it reaches ``max_requeues``.
     ``backend``: the ``torch.distributed`` backend (``gloo`` for CPU jobs; None picks NCCL when CUDA is present).
+    ``run``: how a task runs a command, the registry's ``ssl_distill.commands.run_command`` (handed over by the
+    ``submit`` command, pickled by reference: this module never imports the registry).
     """
 
     command: str
@@ -170,44 +135,27 @@ class SlurmCommand:
     max_requeues: int = 30
     backend: str | None = None
     requeues: int = 0
+    run: RunCommand = field(kw_only=True)
 
     def __call__(self) -> int:
-        from ssl_distill import commands, distributed
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                            datefmt="%H:%M:%S")  # as the CLI's
-        env = distributed.init_distributed(backend=self.backend)
-        logger.info("ssl-distill %s on Slurm: rank %d/%d (local %d), requeue %d/%d", self.command, env.rank,
-                    env.world_size, env.local_rank, self.requeues, self.max_requeues)
-        code = self._train() if self.command == "train" else commands.run_command(self.command, self.args)
-        if code != 0:
-            raise RuntimeError(f"ssl-distill {self.command} exited with status {code} (see the messages above)")
-        return code
+        start_task(self.command, self.backend, self.requeues, self.max_requeues)
+        return run_task(self.command, self.args, self.run, self._train)
 
     def _train(self) -> int:
         import submitit
 
-        from ssl_distill import commands, distributed
-        from ssl_distill.train.signals import StopOnSignals
-        from ssl_distill.train.trainer import TrainingInterrupted
-
-        # submitit's handler for its preemption / time-limit signal checkpoints and requeues *immediately*; we
-        # defer it (kept in ``requeue_handler``) until the trainer has saved the current iteration.
+        # submitit's handler for its preemption / time-limit signal checkpoints and requeues *immediately*; the
+        # hand-off defers it until the trainer has saved the current iteration, then calls _requeue.
         signum = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
-        stop = StopOnSignals((signum,))
-        requeue_handler = stop.previous.get(signum)
-        try:
-            return commands.run_command("train", self.args, on_trainer=stop.attach)
-        except TrainingInterrupted as exc:
-            logger.warning("%s; handing over to submitit to requeue", exc)
-            stop.restore()
-            if not callable(requeue_handler) or self.requeues >= self.max_requeues:
-                raise  # not under submitit, or out of requeues: every rank ends with the same error
-            requeue_handler(signum, None)  # rank 0: checkpoint() -> requeue -> exit; others return
-            if distributed.detect_environment().rank == 0:
-                raise  # submitit declined to requeue without raising: end as interrupted
-            _wait_to_be_requeued()
-            raise
+        return train_preemptibly(self.run, self.args, (signum,), self._requeue)
+
+    def _requeue(self, launcher_handlers: dict[int, Any]) -> bool:
+        """submitit's own signal handler: on rank 0 it calls :meth:`checkpoint`, requeues the job and exits."""
+        signum, handler = next(iter(launcher_handlers.items()), (None, None))
+        if not callable(handler) or self.requeues >= self.max_requeues:
+            return False
+        handler(signum, None)
+        return True
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """submitit's requeue hook: the same command with one more requeue counted, or None when out of requeues."""
@@ -220,14 +168,9 @@ class SlurmCommand:
         return submitit.helpers.DelayedSubmission(replace(self, args=resumed, requeues=self.requeues + 1))
 
 
-def _wait_to_be_requeued(limit_s: float = 300.0) -> None:
-    """Ranks other than 0 wait for Slurm to end this run of the job (rank 0 requeued it; exiting first could end the
-    job step before the requeue lands). ``limit_s`` bounds the wait should the requeue never come."""
-    time.sleep(limit_s)
-
-
-def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
-    """Submit ``args.command`` with ``command_args`` into ``args.output_dir``; returns the submitit Job."""
+def submit(args: argparse.Namespace, command_args: list[str], run: RunCommand) -> Any:
+    """Submit ``args.command`` with ``command_args`` into ``args.output_dir``; returns the submitit Job. Its tasks run
+    the command with ``run`` (the registry's ``run_command``)."""
     import submitit
     from submitit.core.utils import FailedJobError
 
@@ -247,7 +190,7 @@ def submit(args: argparse.Namespace, command_args: list[str]) -> Any:
         raise SubmitError(f"submitit cannot use Slurm here: {exc}. " + _RUN_LOCALLY) from None
     executor.update_parameters(**executor_parameters(args))
     job_fn = SlurmCommand(args.command, list(command_args), args.max_requeues,
-                          backend="gloo" if args.gpus_per_node == 0 else None)
+                          backend="gloo" if args.gpus_per_node == 0 else None, run=run)
     echoed = io.StringIO()  # submitit prints sbatch's stderr itself before raising; the message below has it once
     try:
         with contextlib.redirect_stderr(echoed):

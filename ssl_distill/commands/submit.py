@@ -1,13 +1,18 @@
-"""``ssl-distill submit``: check the job's arguments here, then hand it to Slurm (ssl_distill.launch.slurm)."""
+"""``ssl-distill submit``: check the job's arguments here, then hand it to Slurm (ssl_distill.launch.slurm).
+
+The registry imports the launcher, never the reverse: the job's tasks run commands through :func:`run_command`,
+which is handed to the launcher here (docs/ARCHITECTURE.md, "Floors").
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from ssl_distill.commands import UserError, parse_command
+from ssl_distill.commands import UserError, parse_command, run_command
 from ssl_distill.config import load_config
 from ssl_distill.launch import slurm
+from ssl_distill.launch.common import SubmitError, with_output_dir
 
 
 def validate_submitted(command: str, command_args: list[str]) -> None:
@@ -53,10 +58,10 @@ def run_submit(args: argparse.Namespace) -> int:
     """Submit ``args.command`` with its arguments into ``--output-dir`` and print how to follow it."""
     try:
         slurm.check_slurm_available()
-        command_args = slurm.with_output_dir(args.command_args, args.output_dir)
+        command_args = with_output_dir(args.command_args, args.output_dir)
         validate_submitted(args.command, command_args)
-        job = slurm.submit(args, command_args)
-    except slurm.SubmitError as exc:
+        job = slurm.submit(args, command_args, run_command)
+    except SubmitError as exc:
         raise UserError(str(exc)) from None
     print(slurm.describe_submission(job, args))
     return 0
