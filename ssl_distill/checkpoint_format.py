@@ -5,8 +5,13 @@ A training checkpoint is one ``torch.save`` file holding only tensors and plain 
 
     {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
      "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
-     "optimizer": ..., "scaler": ... | None, "sampler_position": global sample index, "world_size": int,
-     "config": YAML text, "run_id": the writing run's id (absent in checkpoints of older versions)}
+     "optimizer": ..., "scaler": ... | None, "sampler_position": samples of the data stream consumed so far,
+     "world_size": processes that wrote it, "config": YAML text,
+     "run_id": the writing run's id (absent in checkpoints of older versions)}
+
+``version`` is checked on load (:func:`check_checkpoint_version`): a file of a newer format than this code knows is
+refused with one message saying to upgrade; older versions and files without one (written before it was recorded)
+load as they are.
 
 The backbones inside (``student.backbone.*``, ``teacher.backbone.*``) have the official DINOv2 key layout.
 Where checkpoints are written, kept and resumed from is :mod:`ssl_distill.train.checkpoint`'s business.
@@ -25,11 +30,16 @@ import torch
 from ssl_distill.pickle_scan import unsafe_globals
 
 CHECKPOINT_FORMAT = "ssl_distill.checkpoint"
+CHECKPOINT_VERSION = 1  # the format this code writes; every version up to it loads
 _UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 
 class WeightsFileError(ValueError):
     """A weights or checkpoint file that cannot be read as it is; the message names the file and what to do."""
+
+
+class NewerCheckpointError(WeightsFileError):
+    """A training checkpoint written in a format newer than this code knows: the file is fine, the code is old."""
 
 
 def describe_read_error(path: Path, exc: Exception) -> str:
@@ -72,8 +82,24 @@ def is_training_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT
 
 
+def check_checkpoint_version(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """Raise :class:`NewerCheckpointError` when the checkpoint ``state`` (read from ``path``) records a format
+    version this code does not know; a checkpoint without a version (older files) passes."""
+    version = state.get("version")
+    if version is None or (isinstance(version, int) and not isinstance(version, bool)
+                           and 0 < version <= CHECKPOINT_VERSION):
+        return
+    from ssl_distill import __version__
+
+    raise NewerCheckpointError(
+        f"'{path}' is a training checkpoint of format version {version!r}, but this ssl_distill ({__version__}) "
+        f"reads versions up to {CHECKPOINT_VERSION}: it was written by a newer release. Upgrade ssl_distill "
+        "(pip install --upgrade ssl_distill, or update your checkout) to load it.")
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one of our training checkpoints and check that it is one (:class:`WeightsFileError` otherwise)."""
+    """Load one of our training checkpoints and check that it is one (:class:`WeightsFileError` otherwise) of a
+    format version this code reads (:class:`NewerCheckpointError` otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint '{path}' does not exist.")
@@ -83,6 +109,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"'{path}' is not an ssl_distill training checkpoint. For backbone weights (exported or official "
             "DINOv2 files) load them with ssl_distill.hub instead."
         )
+    check_checkpoint_version(state, path)
     return state
 
 

@@ -11,7 +11,6 @@ import datetime
 import logging
 import os
 import re
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,13 +198,6 @@ def detect_environment(environ: dict[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
         )
     return DistEnv("single", 0, 0, 1, 1, "127.0.0.1", 29500)
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost (for tests and single-node launches)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> DistEnv:

@@ -21,6 +21,7 @@ Usage from a test::
 from __future__ import annotations
 
 import datetime
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ssl_distill.distributed import free_port
+
+def free_port() -> int:
+    """An unused TCP port on localhost, for a test's process group."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _worker(

@@ -8,6 +8,8 @@ import stat
 import pytest
 import torch
 
+from ssl_distill import __version__
+from ssl_distill.checkpoint_format import CHECKPOINT_VERSION, NewerCheckpointError
 from ssl_distill.fileio import atomic_write_text
 from ssl_distill.train.checkpoint import (
     CheckpointError,
@@ -71,6 +73,30 @@ def test_load_rejects_foreign_and_broken_files(tmp_path):
         load_checkpoint(broken)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_a_newer_format_version_is_refused_older_and_unversioned_files_load(tmp_path):
+    path = save_checkpoint(tmp_path, _state(10))
+    state = torch.load(path, weights_only=True)
+    assert state["version"] == CHECKPOINT_VERSION
+    for newer in (CHECKPOINT_VERSION + 1, "2", None):
+        edited = {**state, "version": newer} if newer is not None else {k: v for k, v in state.items()
+                                                                        if k != "version"}
+        torch.save(edited, path)
+        if newer is None:  # written before the version was recorded: loads as before
+            assert load_checkpoint(path)["iteration"] == 10
+            continue
+        with pytest.raises(NewerCheckpointError) as err:
+            load_checkpoint(path)
+        assert str(err.value) == (
+            f"'{path}' is a training checkpoint of format version {newer!r}, but this ssl_distill ({__version__}) "
+            f"reads versions up to {CHECKPOINT_VERSION}: it was written by a newer release. Upgrade ssl_distill "
+            "(pip install --upgrade ssl_distill, or update your checkout) to load it.")
+        # a resume stops on it (the file is intact: it is not set aside as damaged, nor an older one used)
+        with pytest.raises(CheckpointError, match="Upgrade ssl_distill"):
+            load_latest_intact(tmp_path)
+        assert [p.name for p in tmp_path.iterdir() if p.suffix == ".damaged"] == []
+        assert path.exists()
 
 
 def test_export_backbone_strips_prefix(tmp_path):

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from cuda_utils import cuda_test_device, nondeterminism_warnings, run_cli_deterministic
+from dist_utils import free_port
 from train_utils import TINY, tiny_overrides
 
 from ssl_distill.cli import main
 from ssl_distill.config import load_config
 from ssl_distill.data.digits import write_digits_folders
-from ssl_distill.distributed import free_port
 from ssl_distill.eval.args import KNN_RESULTS
 from ssl_distill.eval.knn import knn_few_shot
 from ssl_distill.train.checkpoint import find_latest_checkpoint, load_checkpoint

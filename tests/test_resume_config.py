@@ -5,10 +5,13 @@ processes on real photos."""
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 from train_utils import run_train, tiny_overrides
 
-from ssl_distill.train.checkpoint import list_checkpoints
+from ssl_distill.checkpoint_format import CHECKPOINT_VERSION
+from ssl_distill.cli import main
+from ssl_distill.train.checkpoint import list_checkpoints, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
 
 
@@ -54,3 +57,34 @@ def test_changed_architecture_is_refused_in_one_line(tmp_path, photo_folder):
         assert "--no-resume" in errors[0]
         assert "--output-dir" in errors[0]
         assert [p.name for p in list_checkpoints(out)] == before  # nothing of the run was touched
+
+
+@pytest.mark.slow
+def test_a_newer_checkpoint_format_is_refused_and_the_data_stream_resumes_where_it_stopped(tmp_path, photo_folder,
+                                                                                            capsys):
+    out = tmp_path / "run"
+    _ok(run_train(out, tiny_overrides(photo_folder, **{"optim.epochs": 1})))  # 4 iterations of 8 images
+    before = list_checkpoints(out)
+    path = before[-1]
+    state = torch.load(path, weights_only=True)
+    assert (state["iteration"], state["version"], state["sampler_position"], state["world_size"]) == \
+        (4, CHECKPOINT_VERSION, 32, 1)
+    torch.save({**state, "version": CHECKPOINT_VERSION + 1}, path)  # as a newer release would write it
+    proc = run_train(out, tiny_overrides(photo_folder))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert errors[0].startswith(f"ssl-distill train: error: '{path}' is a training checkpoint of format version "
+                                f"{CHECKPOINT_VERSION + 1!r}, but this ssl_distill"), errors[0]
+    assert "Upgrade ssl_distill" in errors[0]
+    assert list_checkpoints(out) == before  # kept as it is, not set aside as damaged, and no older one resumed
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "t.pth")]) == 2
+    assert "Upgrade ssl_distill" in capsys.readouterr().err
+    # without a version (files written before it was recorded) it resumes; with half the batch, the data stream
+    # continues at the 32nd sample rather than at iteration 4 x the new global batch
+    torch.save({k: v for k, v in state.items() if k != "version"}, path)
+    proc = run_train(out, tiny_overrides(photo_folder, **{"train.batch_size_per_gpu": 4}))
+    _ok(proc)
+    assert "the data stream continues at sample 32" in proc.stderr
+    final = load_checkpoint(list_checkpoints(out)[-1])
+    assert (final["iteration"], final["sampler_position"]) == (8, 32 + 4 * 4)

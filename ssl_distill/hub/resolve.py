@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ssl_distill.checkpoint_format import WeightsFileError, extract_backbone, is_training_checkpoint, read_weights_file
+from ssl_distill.checkpoint_format import (
+    WeightsFileError,
+    check_checkpoint_version,
+    extract_backbone,
+    is_training_checkpoint,
+    read_weights_file,
+)
 from ssl_distill.hub.convert import StateDict, to_dinov2
 from ssl_distill.hub.registry import HubError
 
@@ -59,6 +65,7 @@ def unwrap_state_dict(obj: object, path: str | os.PathLike, which: str = "teache
     keys of a reference training file are kept (:func:`_backbone_keys`)."""
     if is_training_checkpoint(obj):
         try:
+            check_checkpoint_version(obj, path)
             return extract_backbone(obj, which)
         except WeightsFileError as exc:
             raise HubError(f"'{path}': {exc}") from None

@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 
-from ssl_distill.checkpoint_format import CHECKPOINT_FORMAT, extract_backbone, load_checkpoint
+from ssl_distill.checkpoint_format import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    NewerCheckpointError,
+    extract_backbone,
+    load_checkpoint,
+)
 from ssl_distill.fileio import atomic_open, atomic_write_text, tensor_bytes
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "export_backbone", "extract_backbone", "find_latest_checkpoint",
@@ -44,7 +50,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 def save_checkpoint(output_dir: str | os.PathLike, state: dict[str, Any], keep_last: int = 3) -> Path:
     """Write ``state`` atomically as ``model_{iteration}.pth``, point ``last_checkpoint`` at it, prune old ones."""
     path = checkpoint_path(output_dir, int(state["iteration"]))
-    payload = {"format": CHECKPOINT_FORMAT, "version": 1, **state}
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
     with atomic_open(path, "wb", expected_size=tensor_bytes(payload), advice=CHECKPOINT_ADVICE) as f:
         torch.save(payload, f)
     atomic_write_text(Path(output_dir) / POINTER, path.name + "\n")
@@ -102,7 +108,8 @@ def load_latest_intact(output_dir: str | os.PathLike) -> tuple[Path, dict[str, A
     Tries the file ``last_checkpoint`` names, then every ``model_*.pth`` from the newest down. A file that does not
     read back (truncated, garbage, not a checkpoint) is warned about and renamed ``<name>.damaged`` — kept for
     inspection, never deleted, no longer pruned or tried again — and the next one is tried. When checkpoints exist
-    but none is intact, raises :class:`CheckpointError` naming them and the fix.
+    but none is intact, raises :class:`CheckpointError` naming them and the fix. A checkpoint of a newer format
+    (:class:`~ssl_distill.checkpoint_format.NewerCheckpointError`) is intact: it stops the resume as it is.
     """
     d = Path(output_dir)
     pointed = _pointer_target(d)
@@ -112,6 +119,8 @@ def load_latest_intact(output_dir: str | os.PathLike) -> tuple[Path, dict[str, A
     for path in candidates:
         try:
             return path, load_checkpoint(path)
+        except NewerCheckpointError as exc:
+            raise CheckpointError(str(exc)) from None  # resuming from an older one would throw its work away
         except (ValueError, OSError) as exc:
             kept = path
             if _NAME_RE.match(path.name):

@@ -44,7 +44,7 @@ from ssl_distill.train.resume_config import check_resumed_config, keep_previous_
 from ssl_distill.train.run_dir import check_room_for_a_checkpoint, prepare_output_dir, take_run_lock
 from ssl_distill.train.schedules import apply_scaling_rules, build_schedules
 from ssl_distill.train.setup import resolve_precision, wrap_for_distributed
-from ssl_distill.train.state import gather_state, restore_state
+from ssl_distill.train.state import gather_state, restore_state, resume_position
 
 logger = logging.getLogger(__name__)
 TEACHER_EXPORT = "teacher_backbone.pth"
@@ -226,12 +226,14 @@ class Trainer:
     def _restore(self, path: Path | None) -> int:
         """Load the full training state of ``path`` into model, optimizer and scaler on every rank; the iteration
         to start from (0 without a checkpoint)."""
+        self.start_position = 0  # the data stream's next sample (resume_position: from the checkpoint)
         if path is None:
             return 0
         state = self._resume_state if self._resume_state is not None else ckpt.load_checkpoint(path)
         self._resume_state = None
         self._config_changed = check_resumed_config(state.get("config"), self.cfg, path, int(state["iteration"]))
         restore_state(self.meta, self.optimizer, self.scaler, state)
+        self.start_position = resume_position(state, self.global_batch)
         self.last_checkpoint = path
         logger.info("resumed from %s at iteration %d", path, state["iteration"])
         return int(state["iteration"])
@@ -251,9 +253,8 @@ class Trainer:
         """Checkpoint of the state *before* ``iteration`` runs (collective; rank 0 writes); never the state after a
         non-finite loss (:class:`TrainingDiverged` instead)."""
         self._check_finite()
-        state = gather_state(
-            self.meta, self.optimizer, self.scaler, iteration, self.global_batch, config_to_yaml(self.cfg)
-        )
+        position = self.start_position + (iteration - self.start_iter) * self.global_batch
+        state = gather_state(self.meta, self.optimizer, self.scaler, iteration, position, config_to_yaml(self.cfg))
         path = None
         if state is not None:
             state["run_id"] = self.run_id
@@ -299,7 +300,7 @@ class Trainer:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        loader = build_train_loader(cfg, self.dataset, self.start_iter * self.global_batch, self.device.type == "cuda")
+        loader = build_train_loader(cfg, self.dataset, self.start_position, self.device.type == "cuda")
         metrics = MetricsWriter(self.output_dir, self.start_iter, enabled=distributed.is_main_process())
         data_iter = iter(loader)
         children = ChildWatch()  # after iter(): replaces the handler PyTorch installs there
