@@ -11,6 +11,8 @@ import torch
 from ssl_distill import __version__
 from ssl_distill.checkpoint_format import CHECKPOINT_VERSION, NewerCheckpointError
 from ssl_distill.fileio import atomic_write_text
+from ssl_distill.hub.registry import HubError
+from ssl_distill.hub.resolve import read_weights
 from ssl_distill.train.checkpoint import (
     CheckpointError,
     export_backbone,
@@ -97,6 +99,8 @@ def test_a_newer_format_version_is_refused_older_and_unversioned_files_load(tmp_
             load_latest_intact(tmp_path)
         assert [p.name for p in tmp_path.iterdir() if p.suffix == ".damaged"] == []
         assert path.exists()
+        with pytest.raises(HubError, match="format version .* Upgrade ssl_distill"):  # as weights to evaluate
+            read_weights(path)
 
 
 def test_export_backbone_strips_prefix(tmp_path):
