@@ -1,6 +1,6 @@
 """Can the data pipeline feed the GPU? The training DataLoader's images/s with N workers against the step's images/s.
 
-It builds the loader exactly as training does (:func:`ssl_distill.train.trainer.build_train_loader`: seeded multi-crop
+It builds the loader exactly as training does (:func:`ssl_distill.data.pipeline.build_train_loader`: seeded multi-crop
 augmentation, the iBOT-masking collator, pinned memory on CUDA) over a folder of real JPEG photos at ImageNet-like
 sizes (the bundled sample photographs, cropped and re-encoded at 500 x 375, quality 90), moves every batch to the
 device as the step does, and counts images per second in the steady state (after ``--warmup-s``, so the batches the
@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import print_table, sync, write_json  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
+from ssl_distill.data.pipeline import build_train_dataset, build_train_loader  # noqa: E402
 from ssl_distill.data.sample_images import sample_photos  # noqa: E402
-from ssl_distill.train.trainer import build_train_dataset, build_train_loader  # noqa: E402
 
 
 def write_photo_folder(root: Path, n: int, size: tuple[int, int]) -> Path:
@@ -103,7 +103,7 @@ def _timed_rates(loader: Any, workers: int, device: torch.device, warmup_s: floa
 
     def take() -> None:
         batch = next(it)
-        for key in ("collated_global_crops", "collated_local_crops", "collated_masks", "mask_indices_list"):
+        for key in ("global_crops", "local_crops", "masks", "mask_indices"):
             batch[key].to(device, non_blocking=True)
 
     take()  # the first batch waits for the workers to start

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             distill = DistillStep(distill_cfg, device, amp)
     frozen = distill.meta.frozen.backbone
-    crops = [batch["collated_global_crops"].to(device), batch["collated_local_crops"].to(device)]
+    crops = [batch["global_crops"].to(device), batch["local_crops"].to(device)]
 
     def teacher_forward() -> None:
         with torch.no_grad():

@@ -50,12 +50,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import print_table, write_json  # noqa: E402
 
 from ssl_distill.config import load_config  # noqa: E402
+from ssl_distill.data.pipeline import build_train_loader  # noqa: E402
 from ssl_distill.demo import TRAIN_PER_CLASS, VAL_PER_CLASS, pixel_knn  # noqa: E402
 from ssl_distill.eval.data import load_labelled_datasets  # noqa: E402
 from ssl_distill.eval.knn import knn_accuracy  # noqa: E402
 from ssl_distill.eval.transforms import make_eval_transform  # noqa: E402
 from ssl_distill.models import backbone_from_config  # noqa: E402
-from ssl_distill.train.trainer import Trainer, build_train_loader  # noqa: E402
+from ssl_distill.train.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KS = (10, 20)

@@ -120,9 +120,9 @@ class LightlyDINOv2(nn.Module):
         """DINO + iBOT + KoLeo (weights 1, ``ibot_weight``, ``koleo_weight``) for one batch dict of
         :func:`ssl_distill.data.collate_data_and_cast`."""
         dev = self.student_head.last_layer.weight_v.device
-        global_views = batch["collated_global_crops"].to(dev, non_blocking=True)
-        local_views = batch["collated_local_crops"].to(dev, non_blocking=True)
-        patch_mask = batch["collated_masks"].to(dev, non_blocking=True)  # (2B, N)
+        global_views = batch["global_crops"].to(dev, non_blocking=True)
+        local_views = batch["local_crops"].to(dev, non_blocking=True)
+        patch_mask = batch["masks"].to(dev, non_blocking=True)  # (2B, N)
         n_views = 2 + local_views.shape[0] // (global_views.shape[0] // 2)
         B2, N = patch_mask.shape
         side = int(round(N**0.5))

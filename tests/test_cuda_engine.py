@@ -21,11 +21,12 @@ from train_utils import TINY, tiny_overrides
 from ssl_distill.cli import main
 from ssl_distill.config import load_config
 from ssl_distill.data.digits import write_digits_folders
+from ssl_distill.data.pipeline import build_train_loader
 from ssl_distill.eval.args import KNN_RESULTS
 from ssl_distill.eval.knn import knn_few_shot
 from ssl_distill.train.checkpoint import find_latest_checkpoint, load_checkpoint
 from ssl_distill.train.metrics import read_metrics
-from ssl_distill.train.trainer import Trainer, build_train_loader
+from ssl_distill.train.trainer import Trainer
 
 pytestmark = pytest.mark.cuda
 

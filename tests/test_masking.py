@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_distill.data import BlockMaskGenerator, MaskingGenerator
+from ssl_distill.data import MaskingGenerator
 
 
 def reference_mask(height, width, n, rng, min_num_patches=4, max_num_patches=None, min_aspect=0.3, max_aspect=None):
@@ -155,7 +155,7 @@ def test_seeding():
     assert random.getstate() == state  # the module-level random is never used
 
 
-def test_repr_shape_and_alias():
+def test_repr_and_shape():
     gen = MaskingGenerator((6, 9))
     text = repr(gen)
     assert "(6, 9)" in text
@@ -163,7 +163,6 @@ def test_repr_shape_and_alias():
     assert gen.get_shape() == (6, 9)
     assert gen.num_patches == 54
     assert "min_num_patches=4" in repr(MaskingGenerator(5, max_num_patches=None))
-    assert BlockMaskGenerator is MaskingGenerator
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ssl_distill.config import load_config
+from ssl_distill.data.collate import HOST_KEYS
 from ssl_distill.train.meta_arch import SSLMetaArch
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
@@ -46,10 +47,10 @@ def _batch(n_local: int, seed: int) -> dict:
         masks[row, tokens] = True
     counts = masks.sum(1).clamp(min=1)
     return {
-        "collated_global_crops": torch.randn(2 * B, 3, 32, 32, generator=g),
-        "collated_local_crops": torch.randn(n_local * B, 3, 16, 16, generator=g) if n_local else torch.empty(0),
-        "collated_masks": masks,
-        "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "global_crops": torch.randn(2 * B, 3, 32, 32, generator=g),
+        "local_crops": torch.randn(n_local * B, 3, 16, 16, generator=g) if n_local else torch.empty(0),
+        "masks": masks,
+        "mask_indices": masks.flatten().nonzero().flatten(),
         "masks_weight": (1.0 / counts).unsqueeze(1).expand_as(masks)[masks],
     }
 
@@ -89,7 +90,7 @@ def _teacher(meta: SSLMetaArch, batch: dict) -> tuple[list[torch.Tensor], list[t
     head = meta.teacher.ibot_head if meta.ibot_separate_head else meta.teacher.dino_head
     cls, patches = [], []
     with torch.no_grad():
-        for crop in batch["collated_global_crops"].chunk(2):
+        for crop in batch["global_crops"].chunk(2):
             out = meta.teacher.backbone.forward_features(crop)
             cls.append(meta.teacher.dino_head(out["x_norm_clstoken"]))
             patches.append(head(out["x_norm_patchtokens"]))
@@ -121,15 +122,15 @@ def reference_losses(meta: SSLMetaArch, batch: dict, centres: tuple[torch.Tensor
     n_local = cfg.crops.local_crops_number
     cls_t, patch_t = _targets(meta, batch, centres)
     student, ibot_head = meta.student, meta.student.ibot_head if meta.ibot_separate_head else meta.student.dino_head
-    masks = batch["collated_masks"].chunk(2)
+    masks = batch["masks"].chunk(2)
     s_cls, s_patches = [], []
-    for crop, mask in zip(batch["collated_global_crops"].chunk(2), masks):
+    for crop, mask in zip(batch["global_crops"].chunk(2), masks):
         out = student.backbone.forward_features(crop, masks=mask)
         s_cls.append(out["x_norm_clstoken"])
         s_patches.append(out["x_norm_patchtokens"])
     s_global = [student.dino_head(c) for c in s_cls]
     s_local = [student.dino_head(student.backbone.forward_features(crop)["x_norm_clstoken"])
-               for crop in (batch["collated_local_crops"].chunk(n_local) if n_local else [])]
+               for crop in (batch["local_crops"].chunk(n_local) if n_local else [])]
     n_terms = 2 * 1 + 2 * n_local  # (student global i, teacher 1 - i) pairs + (local j, teacher i) pairs
     dino_global = sum(sum(cross_entropy(cls_t[1 - i][b], s_global[i][b]) for b in range(B)) / B
                       for i in range(2)) / n_terms
@@ -203,8 +204,20 @@ def test_the_crop_swap_and_the_term_count_matter():
     targets = list(sinkhorn(torch.cat(cls).double(), TEACHER_TEMP).float().chunk(2))
     with torch.no_grad():
         s_global = [meta.student.dino_head(meta.student.backbone.forward_features(c, masks=m)["x_norm_clstoken"])
-                    for c, m in zip(batch["collated_global_crops"].chunk(2), batch["collated_masks"].chunk(2))]
+                    for c, m in zip(batch["global_crops"].chunk(2), batch["masks"].chunk(2))]
     unswapped = sum(sum(cross_entropy(targets[i][b], s_global[i][b]) for b in range(B)) / B for i in range(2)) / 6
     assert not torch.allclose(unswapped, losses["dino_global_crops_loss"], rtol=1e-3)
     wrong_count = expected["dino_global_crops_loss"] * 6 / 7
     assert not torch.allclose(wrong_count, losses["dino_global_crops_loss"], rtol=1e-3)
+
+
+def test_the_batch_reaches_the_step_under_the_loader_keys():
+    """``_to_device`` moves the tensors and renames nothing; the host-only keys stay behind, the stochastic-depth
+    keys (from the positions) are added."""
+    meta = _meta("centering", 2, False)
+    batch = {**_batch(2, seed=1), "positions": torch.arange(8, 8 + B), "n_broken": torch.tensor([1])}
+    moved = meta._to_device(batch)
+    assert set(moved) == set(batch) - set(HOST_KEYS) | {"drop_path_keys"}
+    for key in set(batch) - set(HOST_KEYS):
+        assert torch.equal(moved[key], batch[key]), key
+    assert [keys.shape for keys in moved["drop_path_keys"]] == [(2 * B,), (2 * B,)]

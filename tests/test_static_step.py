@@ -26,11 +26,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ssl_distill.config import load_config
+from ssl_distill.data.pipeline import build_train_dataset, build_train_loader
 from ssl_distill.models import attention as attn_mod
 from ssl_distill.models import vit as vit_mod
 from ssl_distill.train.meta_arch import SSLMetaArch
 from ssl_distill.train.optim import build_optimizer, param_groups
-from ssl_distill.train.trainer import build_train_dataset, build_train_loader
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 

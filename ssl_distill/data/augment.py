@@ -96,10 +96,10 @@ class MultiCropAugmentation:
 
     Call with a PIL image (any mode; converted to RGB) or a ``uint8`` tensor ``(C, H, W)``. Returns::
 
-        {"global_crops": [2 x float32 (3, G, G)], "global_crops_teacher": [the same 2 tensors],
-         "local_crops": [n x float32 (3, L, L)], "offsets": ()}
+        {"global_crops": [2 x float32 (3, G, G)], "local_crops": [n x float32 (3, L, L)]}
 
-    with ``G = global_crops_size`` and ``L = local_crops_size``; every crop is a contiguous tensor.
+    with ``G = global_crops_size`` and ``L = local_crops_size``; every crop is a contiguous tensor. (The reference
+    also returns ``global_crops_teacher``, the same two crops, and an empty ``offsets``; nothing reads them.)
     """
 
     flip_p: float = 0.5
@@ -175,12 +175,7 @@ class MultiCropAugmentation:
         x = to_rgb_uint8(image)
         global_crops = [self.global_transfo1(x), self.global_transfo2(x)]
         local_crops = [self.local_transfo(x) for _ in range(self.local_crops_number)]
-        return {
-            "global_crops": global_crops,
-            "global_crops_teacher": list(global_crops),
-            "local_crops": local_crops,
-            "offsets": (),
-        }
+        return {"global_crops": global_crops, "local_crops": local_crops}
 
     def __repr__(self) -> str:
         return (

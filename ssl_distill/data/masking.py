@@ -13,7 +13,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["MaskingGenerator", "BlockMaskGenerator", "torch_seeded_random"]
+__all__ = ["MaskingGenerator", "torch_seeded_random"]
 
 
 def torch_seeded_random() -> random.Random:
@@ -129,5 +129,3 @@ class MaskingGenerator:
             mask_count += delta
         return mask
 
-
-BlockMaskGenerator = MaskingGenerator  # the same generator under a descriptive name (block masking)

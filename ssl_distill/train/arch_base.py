@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from ssl_distill import distributed
+from ssl_distill.data.collate import HOST_KEYS
 from ssl_distill.models import DINOHead
 from ssl_distill.models.stochastic_depth import sample_keys
 from ssl_distill.train.diagnostics import collapse_statistics, dino_ce_ratio
@@ -157,16 +158,13 @@ class StudentTeacherArch(nn.Module):
 
     # ------------------------------------------------------------------------------------------------- step
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's tensors on the device under the loader's keys (``data/collate.py``; pinned memory: non-blocking),
+        the host-only keys left out, plus ``drop_path_keys`` (:meth:`_drop_path_keys`)."""
         dev = self.device
         nb = dev.type == "cuda"
-        return {
-            "global_crops": batch["collated_global_crops"].to(dev, non_blocking=nb),
-            "local_crops": batch["collated_local_crops"].to(dev, non_blocking=nb),
-            "masks": batch["collated_masks"].to(dev, non_blocking=nb),
-            "mask_indices": batch["mask_indices_list"].to(dev, non_blocking=nb),
-            "masks_weight": batch["masks_weight"].to(dev, non_blocking=nb),
-            "drop_path_keys": self._drop_path_keys(batch.get("positions")),
-        }
+        moved = {k: v.to(dev, non_blocking=nb) for k, v in batch.items() if k not in HOST_KEYS}
+        moved["drop_path_keys"] = self._drop_path_keys(batch.get("positions"))
+        return moved
 
     def _drop_path_keys(self, positions: Tensor | None) -> list[Tensor | None]:
         """Stochastic-depth keys of the global and the local crops (CPU int64, crop-major as the crops), from the

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,15 +22,7 @@ from omegaconf import DictConfig
 
 from ssl_distill import distributed
 from ssl_distill.config import config_to_yaml, save_config
-from ssl_distill.data import (
-    ImageDataset,
-    InfiniteSampler,
-    MaskingGenerator,
-    MultiCropAugmentation,
-    build_image_dataset,
-)
-from ssl_distill.data.collate import TrainingCollator
-from ssl_distill.data.pipeline import SeededMultiCropDataset
+from ssl_distill.data.pipeline import build_train_dataset, build_train_loader
 from ssl_distill.train import checkpoint as ckpt
 from ssl_distill.train.arch_base import StudentTeacherArch
 from ssl_distill.train.diagnostics import CollapseMonitor, DivergenceWatch
@@ -71,61 +62,6 @@ def build_arch(cfg: DictConfig, load_pretrained: bool = True) -> StudentTeacherA
 
         return DistillMetaArch(cfg, load_pretrained=load_pretrained)
     return SSLMetaArch(cfg, load_pretrained=load_pretrained)
-
-
-def _worker_ignores_ctrl_c(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C (which the terminal sends to the whole process group) to the main process,
-    which stops after a checkpoint: a worker that died of it would break the loader in the middle of that. SIGTERM
-    keeps its default: the loader's own shutdown (and multiprocessing's at exit) terminates workers with it (a worker
-    ignoring it once hung the exit). When a SIGTERM to the whole process group kills the workers first, the loop
-    sees the loader fail at its next batch and stops as the signal asks (:mod:`~ssl_distill.train.loader_watch`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def build_train_dataset(cfg: DictConfig) -> ImageDataset:
-    """The images of ``train.dataset_path`` (checked before anything else is built, so a wrong path fails fast)."""
-    return build_image_dataset(cfg.train.dataset_path, bad_image_policy=cfg.train.bad_image_policy,
-                               return_broken_flag=True)
-
-
-def augmentation_probabilities(cfg: DictConfig) -> dict[str, float]:
-    """The ``crops.*_p`` keys as :class:`MultiCropAugmentation` keyword arguments."""
-    c = cfg.crops
-    blur = list(c.blur_p)
-    return {"flip_p": c.horizontal_flip_p, "color_jitter_p": c.color_jitter_p, "grayscale_p": c.grayscale_p,
-            "global1_blur_p": blur[0], "global2_blur_p": blur[1], "local_blur_p": blur[2],
-            "global2_solarize_p": c.solarize_p}
-
-
-def build_train_loader(cfg: DictConfig, dataset: ImageDataset, start_position: int,
-                       pin_memory: bool, timeout_s: float = 0.0) -> torch.utils.data.DataLoader:
-    """Seeded multi-crop samples of ``dataset``, this rank's share, from global ``start_position`` on.
-
-    ``timeout_s > 0`` (with workers): a batch that takes longer raises ``RuntimeError("DataLoader timed out ...")``
-    instead of waiting forever (the benchmarks bound themselves with it; training waits, as a slow file system may
-    legitimately stall)."""
-    c = cfg.crops
-    augmentation = MultiCropAugmentation(
-        tuple(c.global_crops_scale), tuple(c.local_crops_scale), c.local_crops_number,
-        c.global_crops_size, c.local_crops_size, c.rotation_degrees, **augmentation_probabilities(cfg),
-    )
-    side = c.global_crops_size // cfg.student.patch_size
-    collator = TrainingCollator(
-        cfg.train.batch_size_per_gpu * distributed.get_world_size(), tuple(cfg.ibot.mask_ratio_min_max),
-        cfg.ibot.mask_sample_probability, MaskingGenerator(side, max_num_patches=0.5 * side * side),
-        seed=cfg.train.seed,
-    )
-    sampler = InfiniteSampler(
-        len(dataset), distributed.get_rank(), distributed.get_world_size(), seed=cfg.train.seed,
-        start=start_position, with_positions=True,
-    )
-    workers = cfg.train.num_workers
-    return torch.utils.data.DataLoader(
-        SeededMultiCropDataset(dataset, augmentation, cfg.train.seed), batch_size=cfg.train.batch_size_per_gpu,
-        sampler=sampler, num_workers=workers, collate_fn=collator, pin_memory=pin_memory, drop_last=True,
-        persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None,
-        worker_init_fn=_worker_ignores_ctrl_c if workers > 0 else None, timeout=timeout_s if workers > 0 else 0.0,
-    )
 
 
 class Trainer:
