@@ -4,7 +4,7 @@ A training checkpoint is one ``torch.save`` file holding only tensors and plain 
 ``torch.load(weights_only=True)``. Layout::
 
     {"format": "ssl_distill.checkpoint", "version": 1, "iteration": next iteration to run,
-     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "dino_loss.center": ...},  # full state dict
+     "model": {"student.backbone.*": ..., "teacher.dino_head.*": ..., "objective.dino_loss.center": ...},
      "optimizer": ..., "scaler": ... | None, "sampler_position": samples of the data stream consumed so far,
      "world_size": processes that wrote it, "config": YAML text,
      "run_id": the writing run's id (absent in checkpoints of older versions)}
@@ -13,7 +13,9 @@ A training checkpoint is one ``torch.save`` file holding only tensors and plain 
 refused with one message saying to upgrade; older versions and files without one (written before it was recorded)
 load as they are.
 
-The backbones inside (``student.backbone.*``, ``teacher.backbone.*``) have the official DINOv2 key layout.
+``model`` is the full state dict. The backbones inside (``student.backbone.*``, ``teacher.backbone.*``) have the
+official DINOv2 key layout; the loss centres are ``objective.*`` (``dino_loss.*`` / ``ibot_patch_loss.*`` at the top
+level in checkpoints of older versions, which load too).
 Where checkpoints are written, kept and resumed from is :mod:`ssl_distill.train.checkpoint`'s business.
 """
 

@@ -60,7 +60,7 @@ def pixel_knn(data: tuple[Path, Path], ks: tuple[int, ...] = KS) -> dict[int, fl
 
 
 LOSS_KEYS = ("total_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
-# Collapse statistics (ssl_distill.train.diagnostics), all on a 0..1 scale: entropies and information in ln K,
+# Collapse statistics (ssl_distill.losses.collapse), all on a 0..1 scale: entropies and information in ln K,
 # cross-entropy over its uniform value, CLS spread relative to random directions.
 DIAG_KEYS = ("diag_dino_teacher_entropy", "diag_dino_teacher_batch_entropy", "diag_dino_teacher_info",
              "diag_dino_ce_ratio", "diag_ibot_teacher_entropy", "diag_ibot_teacher_info", "diag_ibot_ce_ratio",

@@ -88,7 +88,7 @@ def test_heads_from_our_checkpoint_and_a_backbone_warm_up(tmp_path, photo_folder
     trainer.close()
     for k, v in trainer.meta.student.dino_head.state_dict().items():
         assert torch.equal(v, ckpt["model"][f"teacher.dino_head.{k}"]), k
-    assert torch.equal(trainer.meta.dino_loss.center, ckpt["model"]["dino_loss.center"])
+    assert torch.equal(trainer.meta.objective.dino_loss.center, ckpt["model"]["objective.dino_loss.center"])
     _, backbone_file = released_backbone
     with pytest.raises(ConfigError, match="pretrained_heads=true needs one of our training checkpoints.*backbone "
                                           "only"):

@@ -10,14 +10,8 @@ import torch
 from dist_utils import run_distributed
 from omegaconf import OmegaConf
 
-from ssl_distill.train.diagnostics import (
-    INFO_MIN,
-    PATIENCE,
-    CollapseMonitor,
-    collapse_signs,
-    collapse_statistics,
-    dino_ce_ratio,
-)
+from ssl_distill.losses.collapse import collapse_statistics, dino_ce_ratio
+from ssl_distill.train.diagnostics import INFO_MIN, PATIENCE, CollapseMonitor, collapse_signs
 
 K, K_IBOT, D = 32, 24, 16
 

@@ -179,8 +179,9 @@ def test_compute_losses_matches_the_formulas(centering, n_local, separate_head):
         meta.compute_losses(first, TEACHER_TEMP)
     total, losses = meta.compute_losses(batch, TEACHER_TEMP)
     if centres is not None:
-        torch.testing.assert_close(meta.dino_loss.center[0], centres[0], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(meta.ibot_patch_loss.center.reshape(-1), centres[1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(meta.objective.dino_loss.center[0], centres[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(meta.objective.ibot_patch_loss.center.reshape(-1), centres[1], rtol=1e-5,
+                                   atol=1e-6)
     got_grads = _grads(meta, total)
     expected = reference_losses(meta, batch, centres)
     assert sorted(losses) == sorted(expected)  # the same terms, dino_local_crops_loss only with local crops

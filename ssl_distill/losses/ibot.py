@@ -27,9 +27,10 @@ class iBOTPatchLoss(CenteredTeacherLoss):
     total; ``student_masks_flat`` is ``(B, N)`` bool. The ``center`` buffer has shape ``(1, 1, K)``.
 
     Each image's loss is the mean over its masked tokens; the batch loss averages images, counting images
-    without masked tokens as 0 (as the reference does). Training computes it on the masked tokens only
-    (:meth:`forward_masked`, centre from :meth:`update_center_masked`); :meth:`forward` is the reference-named
-    entry point on full token grids, a thin wrapper over it. The centre update is lazy, see
+    without masked tokens as 0 (as the reference does). It is computed on the masked tokens only, with the per-token
+    weights the collator built (``masks_weight``, :mod:`ssl_distill.data.collate`), and the centre from the masked
+    tokens (:meth:`update_center_masked`). The reference's full-grid ``forward`` is not offered (nothing trains on
+    full grids); its ``forward_masked`` is an alias of :meth:`forward`. The centre update is lazy, see
     :class:`~ssl_distill.losses.centering.CenteredTeacherLoss`; everything also works without
     ``torch.distributed``.
     """
@@ -85,29 +86,8 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         rows = soft_cross_entropy(student_logits.flatten(0, -2), teacher_probs.flatten(0, -2), self.student_temp)
         return -rows.view(student_logits.shape[:-1])
 
-    def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, student_masks_flat: Tensor) -> Tensor:
-        """Loss on full token grids: :meth:`forward_masked` on the masked tokens ``tokens[student_masks_flat]``.
-
-        Args:
-            student_patch_logits: ``(B, N, K)``.
-            teacher_patch_probs: ``(B, N, K)``.
-            student_masks_flat: ``(B, N)`` bool, True where the student's patch was masked.
-
-        Returns:
-            Scalar ``-mean_b [sum_n mask * sum_k t log_softmax(s / temp) / max(sum_n mask, 1)]``.
-        """
-        masks = _as_bool_mask(student_masks_flat)
-        if student_patch_logits.shape[:2] != masks.shape or teacher_patch_probs.shape[:2] != masks.shape:
-            raise ValueError(f"tokens {tuple(student_patch_logits.shape[:2])} / {tuple(teacher_patch_probs.shape[:2])} "
-                             f"and student_masks_flat {tuple(masks.shape)} differ.")
-        return self.forward_masked(student_patch_logits[masks], teacher_patch_probs[masks], masks)
-
-    def forward_masked(
-        self,
-        student_logits: Tensor,
-        teacher_probs: Tensor,
-        student_masks_flat: Tensor,
-        masks_weight: Tensor | None = None,
+    def forward(
+        self, student_logits: Tensor, teacher_probs: Tensor, student_masks_flat: Tensor, masks_weight: Tensor
     ) -> Tensor:
         """Loss on masked tokens only, gathered as ``tokens[student_masks_flat]`` (row-major order).
 
@@ -115,7 +95,8 @@ class iBOTPatchLoss(CenteredTeacherLoss):
             student_logits: ``(M, K)`` student logits of the masked tokens.
             teacher_probs: ``(M, K)`` teacher targets of the same tokens.
             student_masks_flat: ``(B, N)`` bool masks (``M`` of them True).
-            masks_weight: ``(M,)`` per-token weights; default ``1 / max(masked tokens of its image, 1)``.
+            masks_weight: ``(M,)`` per-token weights, ``1 / masked tokens of its image`` for the recipe's weighting
+                (the batch's ``masks_weight``).
 
         Returns:
             Scalar ``-sum_m w_m * sum_k t log_softmax(s / temp) / B``: each image's mean over its masked
@@ -123,12 +104,13 @@ class iBOTPatchLoss(CenteredTeacherLoss):
         """
         masks = _as_bool_mask(student_masks_flat)
         loss = self._token_log_likelihood(student_logits, teacher_probs)  # (M,)
-        if masks_weight is None:
-            per_image = 1.0 / masks.sum(-1).clamp(min=1).to(loss.dtype)
-            masks_weight = per_image.unsqueeze(-1).expand_as(masks)[masks]
         if loss.shape != masks_weight.shape:
             raise ValueError(
                 f"{loss.shape[0]} masked-token losses but {masks_weight.shape[0]} weights: pass the logits of "
                 "exactly the masked tokens (student_masks_flat.sum() rows) and one weight per token."
             )
         return -(loss * masks_weight).sum() / masks.shape[0]
+
+    # The reference's name (DINOv2 ``iBOTPatchLoss.forward_masked``; its ``n_masked_patches`` is not needed here):
+    # the same code path, for code written against the reference.
+    forward_masked = forward

@@ -1,28 +1,31 @@
 """What every training architecture shares: a student trained by gradient, an EMA copy of it (``teacher``), the
-batch on the device, KoLeo across ranks, the backward pass, the EMA update and gradient clipping.
+batch on the device, the backward pass, the EMA update and gradient clipping.
 
 :class:`~ssl_distill.train.meta_arch.SSLMetaArch` (self-distillation, DINOv2) and
 :class:`~ssl_distill.train.distill_arch.DistillMetaArch` (a frozen teacher) build ``student`` and ``teacher``
-(``nn.ModuleDict`` s with a ``backbone``) and implement ``compute_losses``; the trainer sees only this interface.
-``teacher`` is always the model that is exported (``teacher_backbone.pth``) and evaluated by the k-NN monitor.
+(``nn.ModuleDict`` s with a ``backbone``) and an ``objective`` (:mod:`ssl_distill.losses.objective`,
+:mod:`ssl_distill.losses.distillation`: everything between the logits and the loss), and implement
+``compute_losses`` as forward wiring: backbones and heads in, the objective's losses out. The trainer sees only this
+interface. ``teacher`` is always the model that is exported (``teacher_backbone.pth``) and evaluated by the k-NN
+monitor.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from ssl_distill import distributed
 from ssl_distill.data.collate import HOST_KEYS
+from ssl_distill.losses.objective import N_GLOBAL_CROPS, SelfDistillationObjective
 from ssl_distill.models import DINOHead
 from ssl_distill.models.stochastic_depth import sample_keys
-from ssl_distill.train.diagnostics import collapse_statistics, dino_ce_ratio
 
-N_GLOBAL_CROPS = 2
+_OBJECTIVE_STATE = ("dino_loss.", "ibot_patch_loss.")  # the objective's state-dict keys, under "objective."
 
 
 def dino_head(section: DictConfig, in_dim: int, n_prototypes: int | None = None) -> DINOHead:
@@ -31,6 +34,29 @@ def dino_head(section: DictConfig, in_dim: int, n_prototypes: int | None = None)
         in_dim, n_prototypes or section.head_n_prototypes, nlayers=section.head_nlayers,
         hidden_dim=section.head_hidden_dim, bottleneck_dim=section.head_bottleneck_dim,
     )
+
+
+def self_distillation_objective(cfg: DictConfig, dino_prototypes: int, ibot_prototypes: int
+                                ) -> SelfDistillationObjective:
+    """The DINO + iBOT + KoLeo objective with the config's weights, local crops and teacher (``train.centering``)."""
+    return SelfDistillationObjective(
+        dino_prototypes, ibot_prototypes, cfg.crops.local_crops_number, dino_weight=cfg.dino.loss_weight,
+        ibot_weight=cfg.ibot.loss_weight, koleo_weight=cfg.dino.koleo_loss_weight, centering=cfg.train.centering,
+    )
+
+
+def upgrade_model_state(model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's model state dict in today's keys. Checkpoints written before the objective became one object
+    (issue 28) hold its centres at the top level (``dino_loss.center``, ``ibot_patch_loss.center``); today they are
+    ``objective.dino_loss.center``, ``objective.ibot_patch_loss.center``."""
+    return {f"objective.{k}" if k.startswith(_OBJECTIVE_STATE) else k: v for k, v in model.items()}
+
+
+def objective_state(model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The objective's entries of a checkpoint's model state dict (either layout), in the objective's own keys
+    (``dino_loss.center``, ...)."""
+    prefix = "objective."
+    return {k[len(prefix):]: v for k, v in upgrade_model_state(model).items() if k.startswith(prefix)}
 
 
 def reshard(modules: nn.Module) -> None:
@@ -50,11 +76,13 @@ def _local_tensor(t: Tensor) -> Tensor:
 
 
 class StudentTeacherArch(nn.Module):
-    """Base of the training architectures (see the module docstring). Subclasses set ``self.student`` and
-    ``self.teacher``, then call :meth:`_student_ready`, and implement :meth:`compute_losses`."""
+    """Base of the training architectures (see the module docstring). Subclasses set ``self.student``,
+    ``self.teacher`` and ``self.objective``, then call :meth:`_student_ready`, and implement
+    :meth:`compute_losses`."""
 
     student: nn.ModuleDict
     teacher: nn.ModuleDict
+    objective: nn.Module
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -88,7 +116,8 @@ class StudentTeacherArch(nn.Module):
         self._student_fwd = dict(wrappers)
 
     def set_koleo_group(self, group: Any) -> None:
-        """A process group of its own for KoLeo's all-gather, so it never interleaves with DDP's reductions."""
+        """A process group of its own for KoLeo's all-gather (the subclasses hand it to the objective), so it never
+        interleaves with DDP's reductions."""
         self._koleo_group = group
 
     @property
@@ -99,62 +128,6 @@ class StudentTeacherArch(nn.Module):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _koleo(self, global_tokens: Tensor) -> Tensor:
-        """KoLeo on each global crop's student CLS tokens ``(2B, D)``, gathered from all ranks (with gradient)."""
-        terms = []
-        for chunk in global_tokens.chunk(N_GLOBAL_CROPS):  # never between two crops of one image
-            if distributed.get_world_size() > 1:
-                chunk = distributed.all_gather_with_grad(chunk, group=self._koleo_group)
-            terms.append(self.koleo_loss(chunk))
-        return sum(terms)
-
-    # ----------------------------------------------------------------------------------------------- losses
-    @torch.no_grad()
-    def _teacher_probabilities(self, cls_logits: Tensor, patch_logits: Tensor | None, teacher_temp: float
-                               ) -> tuple[Tensor, Tensor | None]:
-        """Teacher targets from head outputs: DINO ``(2, B, K)`` from CLS logits ``(2B, K)`` (already crop-swapped)
-        and iBOT ``(M, K')`` from patch logits ``(M, K')`` (or None), by centring (the centres' EMA is updated) or
-        Sinkhorn-Knopp (``train.centering``), in fp32."""
-        cls_logits = cls_logits.float()
-        patch_logits = patch_logits.float() if patch_logits is not None else None
-        ibot_t = None
-        if self.cfg.train.centering == "centering":
-            dino_t = self.dino_loss.softmax_center_teacher(cls_logits, teacher_temp)
-            self.dino_loss.update_center(cls_logits)
-            if patch_logits is not None:
-                ibot_t = self.ibot_patch_loss.softmax_center_teacher(patch_logits, teacher_temp)
-                self.ibot_patch_loss.update_center_masked(patch_logits)
-        else:  # sinkhorn_knopp
-            dino_t = self.dino_loss.sinkhorn_knopp_teacher(cls_logits, teacher_temp)
-            if patch_logits is not None:
-                ibot_t = self.ibot_patch_loss.sinkhorn_knopp_teacher(patch_logits, teacher_temp)
-        return dino_t.view(N_GLOBAL_CROPS, -1, dino_t.shape[-1]), ibot_t
-
-    def _diagnostics(self, losses: dict[str, Tensor], dino_t: Tensor, ibot_t: Tensor | None, teacher_cls: Tensor,
-                     student_masked: Tensor | None) -> dict[str, Tensor]:
-        """Collapse statistics from tensors the step already holds (no extra forward): ``dino_t`` ``(2, B, K)``,
-        ``ibot_t`` ``(M, K')`` with the student's logits of the same tokens, the teacher's CLS tokens."""
-        stats = collapse_statistics(dino_t.flatten(0, 1), teacher_cls, ibot_t, student_masked,
-                                    self.ibot_patch_loss.student_temp)
-        out = {k: torch.tensor(v, device=self.device) for k, v in stats.items()}
-        dino_sum = sum(v for k, v in losses.items() if k.startswith("dino_"))
-        out["diag_dino_ce_ratio"] = dino_ce_ratio(dino_sum, dino_t.shape[-1])
-        return out
-
-    def _dino_losses(self, local_cls: Tensor | None, global_cls: Tensor, dino_t: Tensor) -> dict[str, Tensor]:
-        """DINO terms, each divided by their number: local crops against both teacher crops, and both global
-        pairs at once — student ``(2B, K)`` rows against the swapped teacher rows (x2 = the sum of 2 means)."""
-        n_terms = N_GLOBAL_CROPS * (N_GLOBAL_CROPS - 1) + N_GLOBAL_CROPS * self.n_local_crops
-        losses: dict[str, Tensor] = {}
-        if self.n_local_crops > 0:
-            losses["dino_local_crops_loss"] = (
-                self.dino_loss(local_cls.float().chunk(self.n_local_crops), list(dino_t)) / n_terms
-            )
-        losses["dino_global_crops_loss"] = (
-            self.dino_loss([global_cls.float()], [dino_t.flatten(0, 1)]) * N_GLOBAL_CROPS / n_terms
-        )
-        return losses
 
     # ------------------------------------------------------------------------------------------------- step
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ The frozen teacher (``distill.teacher_weights``: anything :mod:`ssl_distill.hub.
 under ``torch.no_grad()`` and the configured autocast, is never in the optimizer, never updated, and never written
 into checkpoints (its sha256 is: a resume checks that the teacher is the same). The student has no stochastic depth;
 an EMA copy of it (``teacher`` in the checkpoint layout, as in pretraining) is the model that is exported and
-evaluated. Two recipes (``distill.recipe``):
+evaluated. Two recipes (``distill.recipe``), whose objectives are :mod:`ssl_distill.losses.distillation`:
 
 * ``heads`` — the DINOv2 paper's (Oquab et al. 2023, §5 "Efficient implementation", paragraph "Model
   distillation": "we use a larger model as a frozen teacher, keep a spare EMA of the student that we use as our
@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from ssl_distill.config import ConfigError
 from ssl_distill.hub import HubError
 from ssl_distill.hub.resolve import resolve_backbone
-from ssl_distill.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from ssl_distill.losses.distillation import FeatureDistillationObjective
+from ssl_distill.losses.objective import PatchWeights, StudentOutputs
 from ssl_distill.models import backbone_from_config
 from ssl_distill.models.resample import resize_token_grid
 from ssl_distill.models.weight_selection import WeightSelectionError, select_weights, selected_channels
-from ssl_distill.train.arch_base import N_GLOBAL_CROPS, StudentTeacherArch, dino_head
+from ssl_distill.train.arch_base import StudentTeacherArch, dino_head, objective_state, self_distillation_objective
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class FrozenTeacher:
             head = dino_head(section, width)
             head.load_state_dict(sd)
             self.heads[name] = head.eval().requires_grad_(False)
-        self.centers = {k: model[f"{k}.center"] for k in ("dino_loss", "ibot_patch_loss") if f"{k}.center" in model}
+        self.centers = objective_state(model)  # the loss centres
 
     @property
     def n_prototypes(self) -> tuple[int, int]:
@@ -115,12 +116,7 @@ class DistillMetaArch(StudentTeacherArch):
         self.student = nn.ModuleDict({"backbone": backbone, **self._student_parts(cfg, backbone.embed_dim)})
         self.teacher = nn.ModuleDict({"backbone": backbone_from_config(cfg),
                                       **self._student_parts(cfg, backbone.embed_dim)})
-        if self.recipe == "heads":
-            k_dino, k_ibot = self.frozen.n_prototypes
-            self.dino_loss, self.ibot_patch_loss = DINOLoss(k_dino), iBOTPatchLoss(k_ibot)
-            for name, center in self.frozen.centers.items():
-                getattr(self, name).center.copy_(center)
-            self.koleo_loss = KoLeoLoss()
+        self.objective = self._objective(cfg)
         if cfg.distill.student_init != "random" and not cfg.student.pretrained_weights:
             self._select_from_teacher(backbone, required=cfg.distill.student_init == "teacher_selection")
         if load_pretrained and cfg.student.pretrained_weights:
@@ -130,6 +126,15 @@ class DistillMetaArch(StudentTeacherArch):
         self._student_ready()
         logger.info("distilling from %s (%s recipe, sha256 %s)", cfg.distill.teacher_weights, self.recipe,
                     self.frozen.weights_hash[:12])
+
+    def _objective(self, cfg: DictConfig) -> nn.Module:
+        """``heads``: the self-distillation objective on the teacher's prototypes, its centres from the teacher's
+        checkpoint; ``features``: the cosine feature objective."""
+        if self.recipe == "features":
+            return FeatureDistillationObjective(cfg.distill.cls_loss_weight, cfg.distill.patch_loss_weight)
+        objective = self_distillation_objective(cfg, *self.frozen.n_prototypes)
+        objective.load_centres(self.frozen.centers)
+        return objective
 
     def _choose_recipe(self, asked: str) -> str:
         has_heads = "dino_head" in self.frozen.heads
@@ -257,22 +262,19 @@ class DistillMetaArch(StudentTeacherArch):
         with self._autocast():
             if self.recipe == "heads":
                 (t_cls, t_patches), = self._teacher_tokens(crops[:1], grids[:1])
-                losses, total = self._heads_losses(crops, t_cls, t_patches, teacher_temp, diagnostics)
-            else:
-                losses, total = self._feature_losses(crops, self._teacher_tokens(crops, grids))
-        losses = {k: v.detach() for k, v in losses.items()}
-        losses["total_loss"] = total.detach()
-        return total, losses
+                return self._heads_losses(crops, t_cls, t_patches, teacher_temp, diagnostics)
+            return self._feature_losses(crops, self._teacher_tokens(crops, grids))
 
     def _heads_losses(self, crops: list[Tensor], t_cls: Tensor, t_patches: Tensor, teacher_temp: float,
-                      diagnostics: bool = False) -> tuple[dict[str, Tensor], Tensor]:
-        """The DINOv2-paper recipe: DINO on CLS tokens, iBOT on every global patch token, KoLeo."""
-        cfg, heads = self.cfg, self.frozen.heads
+                      diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """The DINOv2-paper recipe: the frozen teacher's heads give the targets; the student's backbone (no
+        masking) and heads give the DINO logits of every crop and the iBOT logits of every global patch token."""
+        heads = self.frozen.heads
         with torch.no_grad():
-            swapped = torch.cat(t_cls.chunk(N_GLOBAL_CROPS)[::-1])  # student crop A meets teacher crop B
+            swapped = self.objective.pair(t_cls)  # student crop A meets teacher crop B
             patch_head = heads.get("ibot_head", heads["dino_head"])
-            dino_t, ibot_t = self._teacher_probabilities(heads["dino_head"](swapped),
-                                                         patch_head(t_patches.flatten(0, 1)), teacher_temp)
+            targets = self.objective.targets(heads["dino_head"](swapped), patch_head(t_patches.flatten(0, 1)),
+                                             teacher_temp, swapped)
         outs = self._student_fwd["backbone"](crops, is_training=True)
         g_cls, g_patches = outs[0]["x_norm_clstoken"], outs[0]["x_norm_patchtokens"]
         pieces = ([outs[1]["x_norm_clstoken"]] if self.n_local_crops > 0 else []) + [g_cls]
@@ -283,23 +285,14 @@ class DistillMetaArch(StudentTeacherArch):
         local_cls = logits.pop(0) if self.n_local_crops > 0 else None
         global_cls = logits.pop(0)
         patch_logits = self._student_fwd["ibot_head"](g_patches.flatten(0, 1)) if separate else logits.pop(0)
-        losses = self._dino_losses(local_cls, global_cls, dino_t)
-        total = cfg.dino.loss_weight * sum(losses.values())
-        if cfg.dino.koleo_loss_weight > 0:
-            losses["koleo_loss"] = cfg.dino.koleo_loss_weight * self._koleo(g_cls)
-            total = total + losses["koleo_loss"]
-        every_patch = torch.ones(g_patches.shape[:2], dtype=torch.bool, device=g_patches.device)
-        losses["ibot_loss"] = self.ibot_patch_loss.forward_masked(patch_logits.float(), ibot_t, every_patch)
-        total = total + cfg.ibot.loss_weight * losses["ibot_loss"]
-        if diagnostics:
-            losses.update(self._diagnostics({k: v.detach() for k, v in losses.items()}, dino_t, ibot_t, swapped,
-                                            patch_logits))
-        return losses, total
+        every_patch = PatchWeights.every_patch(*g_patches.shape[:2], device=g_patches.device)
+        return self.objective(StudentOutputs(global_cls, local_cls, g_cls, patch_logits), targets, every_patch,
+                              diagnostics=diagnostics, gather_group=self._koleo_group)
 
     def _feature_losses(self, crops: list[Tensor], targets: list[tuple[Tensor, Tensor]]
-                        ) -> tuple[dict[str, Tensor], Tensor]:
-        """The head-free recipe: ``1 - cos`` between the (projected) student tokens and the teacher's, averaged
-        over the CLS tokens of every crop and over every patch token."""
+                        ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The head-free recipe: the student's CLS and patch tokens of every crop, projected to the teacher's
+        width, against the teacher's."""
         outs = self._student_fwd["backbone"](crops, is_training=True)
         s_cls = torch.cat([o["x_norm_clstoken"] for o in outs])
         s_patch = torch.cat([o["x_norm_patchtokens"].flatten(0, 1) for o in outs])
@@ -307,10 +300,4 @@ class DistillMetaArch(StudentTeacherArch):
             s_cls, s_patch = self._student_fwd["cls_proj"](s_cls), self._student_fwd["patch_proj"](s_patch)
         t_cls = torch.cat([t for t, _ in targets])
         t_patch = torch.cat([p.flatten(0, 1) for _, p in targets])
-        losses = {
-            "distill_cls_loss": (1 - F.cosine_similarity(s_cls.float(), t_cls.float(), dim=-1)).mean(),
-            "distill_patch_loss": (1 - F.cosine_similarity(s_patch.float(), t_patch.float(), dim=-1)).mean(),
-        }
-        d = self.cfg.distill
-        total = d.cls_loss_weight * losses["distill_cls_loss"] + d.patch_loss_weight * losses["distill_patch_loss"]
-        return losses, total
+        return self.objective(s_cls, s_patch, t_cls, t_patch)

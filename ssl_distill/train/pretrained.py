@@ -25,6 +25,7 @@ from ssl_distill.hub.convert import to_dinov2
 from ssl_distill.hub.resolve import load_strict, read_file, unwrap_state_dict, weights_file
 from ssl_distill.models import VisionTransformer
 from ssl_distill.models.resample import interpolate_pos_embed
+from ssl_distill.train.arch_base import objective_state
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +101,4 @@ def _load_heads(meta: Any, obj: Any, source: str) -> None:
         load_strict(meta.student[part], sd, f"{source} ({part})",
                     advice="set dino.* / ibot.* head sizes (head_n_prototypes, head_nlayers, head_hidden_dim, "
                            "head_bottleneck_dim) to the checkpoint's, as in its config")
-    for loss in ("dino_loss", "ibot_patch_loss"):
-        center = model.get(f"{loss}.center")
-        mine = getattr(meta, loss).center
-        if center is not None and center.shape == mine.shape:
-            mine.copy_(center)
+    meta.objective.load_centres(objective_state(model))

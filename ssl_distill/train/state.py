@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ssl_distill import distributed
-from ssl_distill.train.arch_base import StudentTeacherArch
+from ssl_distill.train.arch_base import StudentTeacherArch, upgrade_model_state
 
 logger = logging.getLogger(__name__)
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -57,9 +57,10 @@ def restore_state(
     state: dict[str, Any],
 ) -> None:
     """Load a full training state into (possibly wrapped/sharded) model and optimizer, on every rank (after the
-    architecture checked that the state belongs to it, e.g. the same distillation teacher)."""
+    architecture checked that the state belongs to it, e.g. the same distillation teacher). Checkpoints of older
+    versions load too (:func:`~ssl_distill.train.arch_base.upgrade_model_state`)."""
     meta.check_resume(state)
-    set_model_state_dict(meta, state["model"], options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(meta, upgrade_model_state(state["model"]), options=StateDictOptions(full_state_dict=True))
     set_optimizer_state_dict(meta, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
