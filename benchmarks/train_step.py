@@ -66,6 +66,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "math": {"attn_impl": "math"},
     "compile": {"compile": True},
     "checkpointing": {"checkpointing": True},
+    # our step with timm's ViT of the same size behind the backbone contract (student.arch=timm/<arch>_patch16_224,
+    # the benchmark's patch size): what the contract costs against our packed ViT
+    "timm": {"timm": True},
     # SDPA with one backend forced (CUDA: which kernel suits the recipe's shapes; "default" lets PyTorch choose)
     "flash": {"attn_impl": "sdpa", "sdpa_backend": "FLASH_ATTENTION"},
     "efficient": {"attn_impl": "sdpa", "sdpa_backend": "EFFICIENT_ATTENTION"},
@@ -180,7 +183,8 @@ def build_steps(args: argparse.Namespace, arch: str, device: torch.device,
             steps["lightly+timm"] = BaselineStep(make_config(args, arch), device, amp)
         for name in args.variants:
             torch.manual_seed(0)
-            steps[f"ours/{name}"] = OursStep(make_config(args, arch), device, amp, VARIANTS[name])
+            variant_arch = f"timm/{arch}_patch16_224" if VARIANTS[name].get("timm") else arch
+            steps[f"ours/{name}"] = OursStep(make_config(args, variant_arch), device, amp, VARIANTS[name])
     return steps, baseline_missing
 
 

@@ -15,6 +15,7 @@ the checks a user needs: an unknown key names the nearest valid key, and impossi
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -25,12 +26,20 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ssl_distill.fileio import atomic_write_text
+from ssl_distill.models.names import (
+    ARCHS,
+    ATTN_IMPLS,
+    DROP_PATH_MODES,
+    FFN_LAYERS,
+    OWN_VIT_KEYS,
+    WEIGHT_INITS,
+    arch_problem,
+    timm_model_name,
+    timm_problem,
+)
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
-FFN_LAYERS = ("mlp", "swiglu", "swiglufused")
-ATTN_IMPLS = ("auto", "sdpa", "xformers", "math")
-DROP_PATH_MODES = ("auto", "subset", "mask")
-WEIGHT_INITS = ("trunc_normal", "xavier")  # ssl_distill.models.vit.WEIGHT_INITS (config stays import-light)
+logger = logging.getLogger(__name__)
+
 CENTERINGS = ("centering", "sinkhorn_knopp")
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 BAD_IMAGE_POLICIES = ("skip", "error")
@@ -133,7 +142,8 @@ class TrainConfig:
 class StudentConfig:
     """The backbone architecture (student and teacher share it)."""
 
-    arch: str = opt("vit_large", f"backbone: {', '.join(ARCHS)}")
+    arch: str = opt("vit_large", f"backbone: {', '.join(ARCHS)}, or timm/<model name> for a timm ViT (e.g. "
+                    "timm/vit_small_patch16_224; README 'Backbones')")
     depth: int = opt(0, "number of transformer blocks; 0 keeps the architecture's (12 for vit_tiny/small/base); "
                      "a shallower ViT (e.g. 4) learns faster on tiny data sets")
     patch_size: int = opt(16, "patch side in pixels (14 in the DINOv2 models); crop sizes must be multiples of it")
@@ -403,7 +413,7 @@ def _check_range(cfg: DictConfig, key: str, low: float, high: float | None = Non
 def validate_architecture(cfg: DictConfig) -> None:
     """The checks of :func:`validate_config` that concern the backbone's architecture (``student.*``) alone: enough
     for a config that only describes a model, e.g. a distillation teacher."""
-    _check_choice(cfg, "student.arch", ARCHS)
+    _check_arch(cfg)
     _check_choice(cfg, "student.ffn_layer", FFN_LAYERS)
     _check_choice(cfg, "student.attn_impl", ATTN_IMPLS)
     _check_choice(cfg, "student.drop_path_mode", DROP_PATH_MODES)
@@ -413,6 +423,28 @@ def validate_architecture(cfg: DictConfig) -> None:
     _check_range(cfg, "student.layerscale", 0)
     _check_range(cfg, "student.interpolate_offset", 0)
     _check_range(cfg, "crops.global_crops_size", 1)
+
+
+def _check_arch(cfg: DictConfig) -> None:
+    """``student.arch``: one of ours, or a timm ViT that timm knows (checked with timm, which imports torch, only
+    for a ``timm/`` name); for a timm ViT, our ViT's architecture keys that differ from the defaults are logged as
+    ignored (its name decides them)."""
+    arch = cfg.student.arch
+    problem = arch_problem(arch)
+    if problem is not None:
+        close = difflib.get_close_matches(str(arch), ARCHS, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"Invalid config value for 'student.arch': {problem}.{hint}")
+    name = timm_model_name(arch)
+    if name is None:
+        return
+    problem = timm_problem(name)
+    if problem is not None:
+        raise ConfigError(f"Invalid config value for 'student.arch': {problem}.")
+    defaults = StudentConfig()
+    ignored = [f"student.{k}={cfg.student[k]}" for k in OWN_VIT_KEYS if cfg.student[k] != getattr(defaults, k)]
+    if ignored:
+        logger.info("%s decides its own architecture; ignored (our ViT's keys): %s", arch, ", ".join(ignored))
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -86,7 +86,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Any, Any]:
 def _features(model: Any, info: dict, dataset: Any, args: argparse.Namespace, device: Any, dtype: Any,
               desc: str) -> dict:
     """Features of ``dataset`` (``cls`` ``(n, n_last, D)``, ``labels`` ...), from the cache when it has them."""
-    n_last = min(4, len(model.blocks))
+    n_last = min(4, model.n_blocks)
     key = feature_cache_key(info["weights_hash"], dataset, dataset.transform, n_last)
     return cached_features(args.cache_dir, key, lambda: extract_features(
         model, dataset, args.batch_size, args.num_workers, n_last, device, dtype, desc))
@@ -161,7 +161,7 @@ def run_linear(args: argparse.Namespace) -> int:
     eval_tf = make_eval_transform(args.image_size)
     train_tf = eval_tf if args.precomputed_features else make_train_transform(args.image_size)
     train, val = load_labelled_datasets(args.train_dataset, args.val_dataset, train_tf, eval_tf, args.bad_image_policy)
-    n_last = min(4, len(model.blocks))
+    n_last = min(4, model.n_blocks)
     specs = head_grid(args.learning_rates or DEFAULT_LEARNING_RATES, sorted({1, n_last}))
     heads = LinearHeads(specs, model.embed_dim, len(train.classes)).to(device)
     if args.precomputed_features:

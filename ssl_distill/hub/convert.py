@@ -147,6 +147,26 @@ def to_dinov2(sd: StateDict, src: str = "auto") -> StateDict:
     return validate_dinov2(dict(sd))
 
 
+def to_backbone_layout(sd: StateDict, layout: str) -> StateDict:
+    """A backbone state dict in any readable layout -> ``layout``, a backbone's ``weights_layout``: ``"dinov2"``
+    (our ViT: :func:`to_dinov2`) or ``"timm"`` (a timm ViT: kept as it is unless it is a DINOv2 / Hugging Face
+    file, without a classifier ``head.*``, with a zero ``mask_token`` where the file has none)."""
+    if layout == "dinov2":
+        return to_dinov2(sd)
+    if layout != "timm":
+        raise HubError(f"unknown backbone weights layout {layout!r}; use dinov2 or timm")
+    if "register_tokens" in sd or any(".mlp.w12." in k for k in sd) or detect_format(sd) == "hf":
+        sd = dinov2_to_timm(to_dinov2(sd))
+    head = sorted(k for k in sd if k.startswith("head."))
+    if head:
+        logger.info("dropping the classifier weights %s (a backbone has no head)", ", ".join(head))
+    out = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    cls = out.get("cls_token")
+    if cls is not None:
+        out.setdefault("mask_token", torch.zeros(1, cls.shape[-1], dtype=cls.dtype))
+    return out
+
+
 def convert_state_dict(sd: StateDict, src: str = "auto", dst: str = "dinov2", hf_keys: str = "disk") -> StateDict:
     """Convert a backbone state dict between layouts (via the DINOv2 layout).
 

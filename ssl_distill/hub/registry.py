@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
+from ssl_distill.models.names import EMBED_DIMS  # widths from the one table of architectures
+
 OFFICIAL_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 BASE_URL_ENV = "SSL_DISTILL_BASE_URL"
 
@@ -91,9 +93,6 @@ def _arch(**kw: Any) -> Mapping[str, Any]:
     return MappingProxyType(kw)
 
 
-# Width of each architecture (tests check it against the models), for the size of a linear head.
-EMBED_DIMS: Mapping[str, int] = MappingProxyType(
-    {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024, "vit_giant2": 1536})
 
 _DINOV2_SOURCE = "facebookresearch/dinov2 README (Oquab et al., 2023; Darcet et al., 2024)"
 

@@ -37,7 +37,7 @@ from ssl_distill.checkpoint_format import (
     is_training_checkpoint,
     read_weights_file,
 )
-from ssl_distill.hub.convert import StateDict, to_dinov2
+from ssl_distill.hub.convert import StateDict, to_backbone_layout, to_dinov2
 from ssl_distill.hub.registry import HubError
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def resolve_backbone(weights: str, config_file: str | None = None, overrides: Se
         stored = obj.get("config") if is_training_checkpoint(obj) else None
         cfg = _config(config_file, overrides, stored_yaml=stored)
         model = backbone_from_config(cfg)
-        load_strict(model, to_dinov2(unwrap_state_dict(obj, path)), f"'{path}'")
+        load_strict(model, to_backbone_layout(unwrap_state_dict(obj, path), model.weights_layout), f"'{path}'")
         info = {"source": "checkpoint" if stored is not None else "state_dict", "path": str(path)}
         if keep_file:
             info.update(file=obj, config=cfg)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_distill.config import ATTN_IMPLS  # the one list of allowed values
+from ssl_distill.models.names import ATTN_IMPLS  # the one list of allowed values
 
 
 @functools.lru_cache(maxsize=1)

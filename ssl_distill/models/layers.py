@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_distill.config import FFN_LAYERS  # the one list of allowed values
 from ssl_distill.models.attention import Attention, scaled_linear
+from ssl_distill.models.names import FFN_LAYERS  # the one list of allowed values
 from ssl_distill.models.packing import Layout, concat_keys, pack_tokens, unpack_tokens
 from ssl_distill.models.stochastic_depth import DropPath, DropPlan, is_dropping
 

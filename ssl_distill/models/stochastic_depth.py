@@ -35,7 +35,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from ssl_distill.config import DROP_PATH_MODES  # the one list of allowed values
+from ssl_distill.models.names import DROP_PATH_MODES  # the one list of allowed values
 from ssl_distill.models.packing import Layout
 
 _M32 = 0xFFFFFFFF
@@ -289,15 +289,17 @@ class DropPath(nn.Module):
     """Per-sample stochastic depth (timm's interface; the draws of :class:`DropPlan`).
 
     ``stream`` distinguishes the draws of different branches of one model (:class:`~ssl_distill.models.layers.Block`
-    uses ``2 * block_index + branch``). Blocks do not call this module: they run their branches through the
-    forward pass's :class:`DropPlan`. Calling it (:meth:`forward`) multiplies a computed branch by the plan's scale
-    (the timm-style call; the same draws).
+    uses ``2 * block_index + branch``). Our blocks do not call this module: they run their branches through the
+    forward pass's :class:`DropPlan`. Calling it (:meth:`forward`, the timm-style call that timm's blocks make in
+    :class:`~ssl_distill.models.timm_vit.TimmViT`) multiplies a computed branch by each sample's scale: from
+    ``step_plan`` when the caller set one for this call (the forward pass's draws), else from its own draws.
     """
 
     def __init__(self, drop_prob: float = 0.0, stream: int = 0) -> None:
         super().__init__()
         self.drop_prob = drop_prob
         self.stream = stream
+        self.step_plan: DropPlan | None = None  # set around one block call by a model that drew the plan
 
     @property
     def active(self) -> bool:
@@ -319,7 +321,11 @@ class DropPath(nn.Module):
         ``(T, D)`` with ``layout``."""
         if not self.active:
             return x
-        plan = self.plan(layout if layout is not None else [(x.shape[0], 1)], keys, x.device, "mask")
+        plan = self.step_plan
+        if plan is None or keys is not None:
+            plan = self.plan(layout if layout is not None else [(x.shape[0], 1)], keys, x.device, "mask")
+        elif layout is not None:
+            plan = plan.for_layout(layout)
         return plan.add_masked(self.stream, torch.zeros_like(x), x)
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ register tokens (Darcet et al., 2024), LayerScale, bicubic position-embedding in
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -17,23 +18,31 @@ from torch.utils.checkpoint import checkpoint
 
 from ssl_distill.models.attention import check_attn_impl
 from ssl_distill.models.layers import FFN_LAYERS, Block, LayerScale, PatchEmbed
+from ssl_distill.models.names import VIT_ARCHS, WEIGHT_INITS
 from ssl_distill.models.packing import concat_keys, pack_tokens, selected_token_rows, unpack_tokens
 from ssl_distill.models.resample import interpolate_pos_embed
 from ssl_distill.models.stochastic_depth import DropPlan, is_dropping, resolve_drop_path_mode
+from ssl_distill.models.vit_outputs import (
+    FeatureDict,
+    block_indices,
+    dispatch_forward,
+    intermediate_outputs,
+    output_dict,
+)
 
-FeatureDict = dict[str, Any]
+logger = logging.getLogger(__name__)
 _TOKENS = ("cls_token", "pos_embed", "register_tokens", "mask_token")
 
 
-# Linear-weight init per ``weight_init`` mode: timm / DINOv2 (trunc-normal 0.02) and MAE (Xavier-uniform)
-_LINEAR_WEIGHT_INITS: dict[str, Callable[[Tensor], Any]] = {
+# Linear-weight init per ``weight_init`` mode (names: models/names.py): timm / DINOv2 (trunc-normal 0.02) and MAE
+# (Xavier-uniform)
+LINEAR_WEIGHT_INITS: dict[str, Callable[[Tensor], Any]] = {
     "trunc_normal": partial(nn.init.trunc_normal_, std=0.02),
     "xavier": nn.init.xavier_uniform_,
 }
-WEIGHT_INITS = tuple(_LINEAR_WEIGHT_INITS)
 
 
-def _init_linears(model: nn.Module, weight_init: Callable[[Tensor], Any]) -> None:
+def init_linears(model: nn.Module, weight_init: Callable[[Tensor], Any]) -> None:
     """Every Linear of ``model``: ``weight_init`` on the weight, zero bias."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -43,12 +52,15 @@ def _init_linears(model: nn.Module, weight_init: Callable[[Tensor], Any]) -> Non
 
 
 class VisionTransformer(nn.Module):
-    """ViT backbone; see :func:`forward_features` for the outputs.
+    """ViT backbone; see :func:`forward_features` for the outputs. Satisfies the backbone contract
+    (:class:`~ssl_distill.models.contract.Backbone`).
 
     Tokens are ordered ``[CLS, registers (R), patches (N)]``. The learned position embedding covers CLS and an
     ``img_size / patch_size`` square patch grid and is bicubically interpolated for other input sizes (the CLS
     position is added before the registers are inserted, so registers carry no position). ``head`` is Identity.
     """
+
+    weights_layout = "dinov2"  # state-dict keys: the official DINOv2 layout
 
     def __init__(
         self,
@@ -135,7 +147,7 @@ class VisionTransformer(nn.Module):
         if mode == "xavier":
             w = self.patch_embed.proj.weight.data
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        _init_linears(self, _LINEAR_WEIGHT_INITS[mode])
+        init_linears(self, LINEAR_WEIGHT_INITS[mode])
 
     def set_attn_impl(self, name: str) -> None:
         """Switch the attention kernel of every block (``"auto"``, ``"sdpa"``, ``"xformers"``, ``"math"``)."""
@@ -161,6 +173,18 @@ class VisionTransformer(nn.Module):
         if name.startswith("blocks."):
             return int(name.split(".")[1]) + 1
         return len(self.blocks) + 1
+
+    def fit_pretrained(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A DINOv2-layout state dict with its position embedding resampled onto this model's grid (the
+        reference's bicubic interpolation; a released 518 px model has a 37x37 grid, at 224 px this one 16x16)."""
+        pos, want = sd.get("pos_embed"), self.pos_embed
+        if pos is None or pos.shape == want.shape or pos.shape[-1] != want.shape[-1]:
+            return sd  # nothing to do, or a width mismatch that strict loading reports with its fix
+        side = self.patch_embed.grid_size
+        resized = interpolate_pos_embed(pos, side, side, self.interpolate_offset, self.interpolate_antialias)
+        logger.info("resampled the pretrained position embedding from %d to %d positions (%dx%d grid)",
+                    pos.shape[1], resized.shape[1], side, side)
+        return {**sd, "pos_embed": resized}
 
     # ---------------------------------------------------------------- tokens
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:
@@ -241,15 +265,7 @@ class VisionTransformer(nn.Module):
         return blk(x, **kwargs)
 
     def _output_dict(self, x: Tensor, masks: Tensor | None) -> FeatureDict:
-        x_norm = self.norm(x)
-        r = self.num_register_tokens
-        return {
-            "x_norm_clstoken": x_norm[:, 0],
-            "x_norm_regtokens": x_norm[:, 1 : r + 1],
-            "x_norm_patchtokens": x_norm[:, r + 1 :],
-            "x_prenorm": x,
-            "masks": masks,
-        }
+        return output_dict(self.norm(x), x, masks, self.num_register_tokens)
 
     # --------------------------------------------------------------- forward
     def forward_features(self, x: Tensor | list[Tensor], masks: Tensor | list[Tensor | None] | None = None
@@ -318,28 +334,7 @@ class VisionTransformer(nn.Module):
         ``train_options`` (``select_patches``, ``sample_keys``; list input and ``is_training=True`` only) go to
         :meth:`forward_train` — through ``forward`` so that DDP / FSDP wrappers see the training call.
         """
-        if train_options:
-            if not (is_training and isinstance(x, (list, tuple))):
-                raise TypeError(f"{sorted(train_options)} need a list of crop batches and is_training=True")
-            return self.forward_train(list(x), masks, **train_options)
-        ret = self.forward_features(x, masks)
-        if is_training:
-            return ret
-        if isinstance(ret, list):
-            return [self.head(r["x_norm_clstoken"]) for r in ret]
-        return self.head(ret["x_norm_clstoken"])
-
-    def _block_indices(self, n: int | Sequence[int]) -> list[int]:
-        depth = len(self.blocks)
-        if isinstance(n, int):
-            if not 1 <= n <= depth:
-                raise ValueError(f"n={n} blocks requested but the model has {depth}; use 1 <= n <= {depth}")
-            return list(range(depth - n, depth))
-        idx = [int(i) for i in n]
-        bad = [i for i in idx if not 0 <= i < depth]
-        if bad:
-            raise ValueError(f"block indices {bad} out of range for a model with {depth} blocks (0..{depth - 1})")
-        return idx
+        return dispatch_forward(self, x, masks, is_training, train_options, self.head)
 
     def get_intermediate_layers(
         self,
@@ -361,25 +356,15 @@ class VisionTransformer(nn.Module):
         Returns:
             a tuple with one entry per requested block (CLS and register tokens stripped from patch outputs).
         """
-        wanted = self._block_indices(n)
+        wanted = block_indices(n, len(self.blocks))
         tokens = self.prepare_tokens_with_masks(x)
         taken: dict[int, Tensor] = {}
         for i, blk in enumerate(self.blocks[: max(wanted) + 1]):
             tokens = blk(tokens)
             if i in wanted:
                 taken[i] = tokens
-        outputs = [taken[i] for i in wanted]
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        outputs = [out[:, 1 + self.num_register_tokens :] for out in outputs]
-        if reshape:
-            B, _, H, W = x.shape
-            p = self.patch_size
-            outputs = [out.reshape(B, H // p, W // p, -1).permute(0, 3, 1, 2).contiguous() for out in outputs]
-        if return_class_token:
-            return tuple(zip(outputs, class_tokens))
-        return tuple(outputs)
+        return intermediate_outputs(x, [taken[i] for i in wanted], self.norm if norm else None,
+                                    self.num_register_tokens, self.patch_size, reshape, return_class_token)
 
     def get_last_self_attention(self, x: Tensor) -> Tensor:
         """Attention weights ``(B, H, T, T)`` of the last block (T = 1 + R + N), e.g. for CLS attention maps."""
@@ -391,32 +376,35 @@ class VisionTransformer(nn.Module):
         return weights
 
 
-def _vit(patch_size: int, kwargs: dict[str, Any], **arch: Any) -> VisionTransformer:
-    """Shared factory body: ``kwargs`` may override the architecture defaults (e.g. ``depth`` in tests)."""
+def _vit(name: str, patch_size: int, kwargs: dict[str, Any]) -> VisionTransformer:
+    """Shared factory body: the architecture of ``name`` in the table (models/names.py); ``kwargs`` may override
+    it (e.g. ``depth`` in tests)."""
+    spec = VIT_ARCHS[name]
+    arch = dict(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio)
     return VisionTransformer(patch_size=patch_size, **{**arch, **kwargs})
 
 
 def vit_tiny(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-Ti: width 192, depth 12, 3 heads."""
-    return _vit(patch_size, kwargs, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0)
+    return _vit("vit_tiny", patch_size, kwargs)
 
 
 def vit_small(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-S: width 384, depth 12, 6 heads."""
-    return _vit(patch_size, kwargs, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0)
+    return _vit("vit_small", patch_size, kwargs)
 
 
 def vit_base(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-B: width 768, depth 12, 12 heads."""
-    return _vit(patch_size, kwargs, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0)
+    return _vit("vit_base", patch_size, kwargs)
 
 
 def vit_large(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-L: width 1024, depth 24, 16 heads."""
-    return _vit(patch_size, kwargs, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0)
+    return _vit("vit_large", patch_size, kwargs)
 
 
 def vit_giant2(patch_size: int = 16, **kwargs: Any) -> VisionTransformer:
     """ViT-g/2 (DINOv2): width 1536, depth 40, 24 heads (64 per head); DINOv2 trains it with
     ``ffn_layer="swiglufused"``."""
-    return _vit(patch_size, kwargs, embed_dim=1536, depth=40, num_heads=24, mlp_ratio=4.0)
+    return _vit("vit_giant2", patch_size, kwargs)

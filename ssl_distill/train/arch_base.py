@@ -122,7 +122,7 @@ class StudentTeacherArch(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.student.backbone.cls_token.device
+        return self.student.backbone.mask_token.device  # a contract member (models/contract.py)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

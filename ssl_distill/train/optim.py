@@ -7,7 +7,8 @@ depth + 1), a patch-embedding lr multiplier, and a flag for the head's ``last_la
 ``pos_embed``, ``register_tokens``, ``mask_token``) — the reference decays the tokens; we follow timm/BEiT here.
 
 What each parameter is comes from the model, as timm models declare it: ``no_weight_decay()`` (names),
-``layer_id(name)`` (backbones), ``last_layer_names()`` (heads) and the backbone's ``patch_embed`` module.
+``layer_id(name)`` and ``n_blocks`` (backbones: the contract, models/contract.py), ``last_layer_names()`` (heads)
+and the backbone's ``patch_embed`` module.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def param_groups(
     no_decay = module.no_weight_decay()
     last_layer = module.last_layer_names() if hasattr(module, "last_layer_names") else set()
     patch_embed = {f"patch_embed.{n}" for n, _ in module.patch_embed.named_parameters()} if is_backbone else set()
-    num_layers = len(module.blocks) if is_backbone else 0
+    num_layers = module.n_blocks if is_backbone else 0
     fused: dict[tuple[float, float, bool], dict] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:

@@ -15,16 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_distill.checkpoint_format import is_training_checkpoint
 from ssl_distill.config import ConfigError
 from ssl_distill.hub import HubError
-from ssl_distill.hub.convert import to_dinov2
+from ssl_distill.hub.convert import to_backbone_layout
 from ssl_distill.hub.resolve import load_strict, read_file, unwrap_state_dict, weights_file
-from ssl_distill.models import VisionTransformer
-from ssl_distill.models.resample import interpolate_pos_embed
 from ssl_distill.train.arch_base import objective_state
 
 logger = logging.getLogger(__name__)
@@ -51,18 +48,6 @@ def zoo_mismatches(entry: Any, cfg: DictConfig, prefix: str = "") -> list[str]:
     return fixes
 
 
-def fit_pos_embed(sd: dict[str, torch.Tensor], backbone: VisionTransformer) -> dict[str, torch.Tensor]:
-    """``sd`` with its position embedding resampled onto ``backbone``'s grid (the reference's interpolation)."""
-    pos, want = sd.get("pos_embed"), backbone.pos_embed
-    if pos is None or pos.shape == want.shape or pos.shape[-1] != want.shape[-1]:
-        return sd  # nothing to do, or a width mismatch that strict loading reports with its fix
-    side = backbone.patch_embed.grid_size
-    resized = interpolate_pos_embed(pos, side, side, backbone.interpolate_offset, backbone.interpolate_antialias)
-    logger.info("resampled the pretrained position embedding from %d to %d positions (%dx%d grid)", pos.shape[1],
-                resized.shape[1], side, side)
-    return {**sd, "pos_embed": resized}
-
-
 def load_pretrained_student(meta: Any, cfg: DictConfig) -> None:
     """Load ``cfg.student.pretrained_weights`` into ``meta.student`` (see the module docstring); user mistakes raise
     :class:`~ssl_distill.config.ConfigError` naming the key to change."""
@@ -76,7 +61,8 @@ def load_pretrained_student(meta: Any, cfg: DictConfig) -> None:
                               + " ".join(fixes))
         obj = read_file(path)
         backbone = meta.student.backbone
-        load_strict(backbone, fit_pos_embed(to_dinov2(unwrap_state_dict(obj, path)), backbone), source)
+        sd = to_backbone_layout(unwrap_state_dict(obj, path), backbone.weights_layout)
+        load_strict(backbone, backbone.fit_pretrained(sd), source)
         if cfg.student.pretrained_heads:
             _load_heads(meta, obj, source)
     except HubError as exc:
