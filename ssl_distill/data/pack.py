@@ -3,8 +3,8 @@
 The samples are those :func:`~ssl_distill.data.datasets.build_image_dataset` reads from ``SRC``, in the same order,
 so training on ``OUT`` sees the same images at the same indices as training on ``SRC``. Each image is stored with
 its original bytes as ``<key>.<ext>`` (``key`` = its index in ``SRC``, 9 digits), its label as ``<key>.cls`` when
-``SRC`` is a class-folder tree; a shard is closed when the next image would probably take it past ``shard_size``
-bytes (at least one image per shard). Every image is decoded
+``SRC`` is a class-folder tree; a shard is closed before the next image would take it past ``shard_size`` bytes
+(a larger image gets a shard of its own). Every image is decoded
 first (in ``workers`` processes); an unreadable one stops the packing (``bad_image_policy="error"``) or is left out
 with a warning and listed in the summary (``"skip"``).
 
@@ -136,9 +136,12 @@ class _ShardWriter:
         self.bad.append([path, why])
         self.next = index + 1
 
-    @property
-    def size(self) -> int:
-        return self._writer.size
+    def would_pass(self, data: bytes, limit: int) -> bool:
+        """Whether adding ``data`` (and its label) takes the finished shard (end blocks, record padding) past
+        ``limit`` bytes."""
+        blocks = 512 + -(-len(data) // 512) * 512 + (1024 if self.labelled else 0)
+        final = self._writer.size + blocks + 1024
+        return -(-final // tarfile.RECORDSIZE) * tarfile.RECORDSIZE > limit
 
     def commit(self, out: Path) -> dict[str, Any]:
         """Close the tar, rename it into place, write its member table; the shard's entry for the state."""
@@ -260,6 +263,10 @@ def _pack_from(ds: ImageDataset, out: Path, shards: list[dict[str, Any]], shard_
             checked = _checked_images([p for p, _ in samples], workers)
             for offset, ((path, label), (data, why)) in enumerate(zip(samples, checked)):
                 index = start + offset
+                if writer is not None and data is not None and writer.members and writer.would_pass(data, shard_size):
+                    shards.append(writer.commit(out))
+                    save(shards)
+                    writer = None
                 if writer is None:
                     writer = _ShardWriter(out, len(shards), index, labelled)
                 if data is None:
@@ -273,10 +280,6 @@ def _pack_from(ds: ImageDataset, out: Path, shards: list[dict[str, Any]], shard_
                     writer.add(index, path, data, label)
                 if bar is not None:
                     bar.update(1)
-                if writer.members and writer.size + 2048 + len(data or b"") > shard_size:
-                    shards.append(writer.commit(out))
-                    save(shards)
-                    writer = None
         if writer is not None and writer.members:
             shards.append(writer.commit(out))
             save(shards)
