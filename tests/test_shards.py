@@ -207,3 +207,32 @@ def test_shards_over_http_are_cached_and_verified(digits, tmp_path, monkeypatch)
         ds = build_image_dataset(f"{base}/data/index.json")
         with pytest.raises(ShardError, match=r"cannot fetch shard .*shard-000003\.tar: .*sha256"):
             _ = ds.targets
+
+
+@pytest.mark.slow
+def test_eval_knn_and_linear_on_shards_equal_the_folders(tmp_path):
+    """`ssl-distill eval-knn` / `eval-linear` on the shards of the digits trees give the folders' results exactly;
+    the feature cache tells the two apart, and keeps the shards' key from one run to the next."""
+    from ssl_distill.cli import main
+    from ssl_distill.eval.features import dataset_fingerprint
+
+    train, val = write_digits_folders(tmp_path / "digits", 6, 3)
+    for name, src in (("train", train), ("val", val)):
+        pack_shards(src, tmp_path / f"{name}_shards", shard_size=24 << 10, workers=0)
+    tiny = ["--pretrained-weights", "random", "--config-file", "configs/tiny_cpu.yaml", "--image-size", "32",
+            "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    results = {}
+    shards = (tmp_path / "train_shards", tmp_path / "val_shards")
+    for kind, (t, v) in {"folder": (train, val), "shards": shards}.items():
+        data = ["--train-dataset", str(t), "--val-dataset", str(v)]
+        assert main(["eval-knn", *data, "--output-dir", str(tmp_path / kind), *tiny, "--nb-knn", "1", "5"]) == 0
+        assert main(["eval-linear", *data, "--output-dir", str(tmp_path / kind / "lin"), *tiny, "--epochs", "1",
+                     "--batch-size", "16", "--learning-rates", "0.1", "--precomputed-features"]) == 0
+        knn = json.loads((tmp_path / kind / "results_eval_knn.json").read_text())
+        linear = json.loads((tmp_path / kind / "lin" / "results_eval_linear.json").read_text())
+        results[kind] = (knn["results"], knn["classes"], knn["n_train"], linear["heads"])
+        assert len(list((tmp_path / "cache").glob("features_*.pt"))) == (2 if kind == "folder" else 4)
+    assert results["folder"] == results["shards"]
+    assert results["folder"][2] == 60
+    first, again = (build_image_dataset(tmp_path / "train_shards") for _ in range(2))
+    assert dataset_fingerprint(first) == dataset_fingerprint(again) != dataset_fingerprint(build_image_dataset(train))
