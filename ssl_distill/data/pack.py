@@ -33,10 +33,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ssl_distill.fileio import atomic_open, atomic_write_text, remove_stale_temp_files
 
 from .datasets import BrokenImageError, DatasetError, ImageDataset, _check_policy, build_image_dataset, load_rgb
-from .shard_index import FORMAT_VERSION, INDEX_KIND, INDEX_NAME, MEMBER_SUFFIX, is_shard_spec
+from .shard_index import FORMAT_VERSION, INDEX_KIND, INDEX_NAME, MEMBER_SUFFIX, is_shard_spec, make_table
 
 logger = logging.getLogger(__name__)
 STATE_NAME = ".pack_state.json"
@@ -147,14 +149,13 @@ class _ShardWriter:
         """Close the tar, rename it into place, write its member table; the shard's entry for the state."""
         self._tar.close()
         self._ctx.__exit__(None, None, None)
-        table = json.dumps({"version": FORMAT_VERSION, "shard": self.name, "filesize": self._writer.size,
-                            "columns": ["name", "header", "data", "size", "crc32", "label"],
-                            "members": self.members}, separators=(",", ":"))
         table_name = self.name[:-4] + MEMBER_SUFFIX
-        atomic_write_text(out / table_name, table)
+        with atomic_open(out / table_name, "wb") as f:
+            writer = _HashingWriter(f)
+            np.save(writer, make_table(self.members), allow_pickle=False)
         return {"url": self.name, "nsamples": len(self.members), "filesize": self._writer.size,
                 "sha256": self._writer.sha.hexdigest(), "table": table_name,
-                "table_sha256": hashlib.sha256(table.encode()).hexdigest(), "first": self.first, "next": self.next,
+                "table_sha256": writer.sha.hexdigest(), "first": self.first, "next": self.next,
                 "bad": self.bad}
 
     def abort(self) -> None:

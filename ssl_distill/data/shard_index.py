@@ -8,8 +8,10 @@ class index as text). Random access by sample index needs to know where each ima
 * ``index.json`` — the **shard list**, in the ``wids`` shard-index layout (``{"__kind__": "wids-shard-index-v1",
   "shardlist": [{"url", "nsamples", "filesize"}]}``) so other readers can use it, plus our fields: each shard's
   sha256 and member table, the class names and the source it was packed from;
-* ``<shard>.idx.json`` — the shard's **member table**: one row per sample ``[name, header offset, data offset,
-  size, crc32, label]``.
+* ``<shard>.idx.npy`` — the shard's **member table**, a NumPy structured array (:func:`make_table`), one row per
+  sample: name, offset of its tar header, offset of its data, size, crc32, label. It is memory-mapped, not parsed:
+  a worker touching every shard of ImageNet-22k holds no per-sample Python objects, and the pages are shared by
+  all processes of a node through the page cache.
 
 A spec (``train.dataset_path``, the evaluation datasets) names shards as a brace pattern
 (``/data/train-{000000..000999}.tar``), a single ``.tar``, a folder holding ``index.json`` or ``.tar`` files, or a
@@ -30,14 +32,18 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .datasets import UNLABELLED, DatasetError, is_image_file
 
 INDEX_NAME = "index.json"
-MEMBER_SUFFIX = ".idx.json"
+MEMBER_SUFFIX = ".idx.npy"
 INDEX_KIND = "wids-shard-index-v1"
 FORMAT_VERSION = 1
-# A member table row: name, offset of its tar header, offset of its data, data size, crc32 (-1: unknown), label.
+# A member table row (``table[i].tolist()``): name (bytes), offset of its tar header, offset of its data, data size,
+# crc32 (-1: unknown), label.
 NAME, HEADER, DATA, SIZE, CRC, LABEL = range(6)
+_FIELDS = [("header", "<u8"), ("data", "<u8"), ("size", "<u8"), ("crc", "<i8"), ("label", "<i8")]
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
@@ -167,8 +173,17 @@ def _with_sibling_index(spec: str, locations: list[str]) -> ShardList:
 # --------------------------------------------------------------------------------------------- member tables
 
 
+def make_table(rows: list[list[Any]]) -> np.ndarray:
+    """The member table of ``rows`` (``[name, header, data, size, crc32, label]`` each) as a structured array."""
+    width = max((len(r[NAME].encode("utf-8", "surrogateescape")) for r in rows), default=1)
+    table = np.zeros(len(rows), dtype=[("name", f"S{max(width, 1)}"), *_FIELDS])
+    for i, r in enumerate(rows):
+        table[i] = (r[NAME].encode("utf-8", "surrogateescape"), *r[1:])
+    return table
+
+
 def table_location(shard: str) -> str:
-    """Where a shard's member table sits: ``train-000000.tar`` -> ``train-000000.idx.json``."""
+    """Where a shard's member table sits: ``train-000000.tar`` -> ``train-000000.idx.npy``."""
     return (shard[:-4] if shard.endswith(".tar") else shard) + MEMBER_SUFFIX
 
 
@@ -179,7 +194,7 @@ def member_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
-def scan_tar(path: str) -> list[list[Any]]:
+def scan_tar(path: str) -> np.ndarray:
     """The member table of a tar made by any tool, from its headers (the data is skipped, not read, except the
     small ``.cls`` members); crc32 is -1 (unknown). Samples are the image members, in archive order."""
     rows: dict[str, list[Any]] = {}
@@ -199,10 +214,10 @@ def scan_tar(path: str) -> list[list[Any]]:
                          "truncated or corrupted: copy it again, or re-pack it with `ssl-distill shards`.") from None
     for key, row in rows.items():
         row[LABEL] = labels.get(key, UNLABELLED)
-    return list(rows.values())
+    return make_table(list(rows.values()))
 
 
-def load_table(info: ShardInfo) -> tuple[str, list[list[Any]], int | None]:
+def load_table(info: ShardInfo) -> tuple[str, np.ndarray, int | None]:
     """(local shard path, member table, expected file size) of one shard: the table from its ``.idx.json`` when
     there is one, else scanned from the tar's headers."""
     local = fetch(info.location, info.sha256, info.filesize, what="shard")
@@ -211,16 +226,16 @@ def load_table(info: ShardInfo) -> tuple[str, list[list[Any]], int | None]:
     if table_file is None:
         return local, scan_tar(local), info.filesize
     try:
-        doc = json.loads(Path(table_file).read_text(encoding="utf-8"))
-        members = doc["members"]
-        size = int(doc["filesize"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        members = np.load(table_file, mmap_mode="r", allow_pickle=False)
+        if members.dtype.names != ("name", *(f for f, _ in _FIELDS)):
+            raise ValueError(f"columns {members.dtype.names}")
+    except (OSError, ValueError) as err:
         raise ShardError(f"member table {table_at!r} of shard {info.location!r} is unreadable ({type(err).__name__}:"
                          f" {err}); re-pack the shards with `ssl-distill shards`.") from None
     if info.nsamples is not None and len(members) != info.nsamples:
         raise ShardError(f"member table {table_at!r} lists {len(members)} samples but the shard list records "
                          f"{info.nsamples} for {info.location!r}; the index is out of date: re-pack the shards.")
-    return local, members, size
+    return local, members, info.filesize
 
 
 # --------------------------------------------------------------------------------------------- URL cache
