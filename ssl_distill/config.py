@@ -111,8 +111,9 @@ class TrainConfig:
 
     batch_size_per_gpu: int = opt(64, "images per process and step; the global batch (times the number of "
                                   "processes) sets the derived optim.lr")
-    dataset_path: str = opt("", "training images (required): a class-folder tree, a folder of images or a text "
-                            "file listing image paths")
+    dataset_path: str = opt("", "training images (required): a class-folder tree, a folder of images, a text "
+                            "file listing image paths, or tar shards (`ssl-distill shards` OUT folder, index.json, "
+                            "brace pattern train-{000000..000099}.tar, http(s) URL)")
     output_dir: str = opt(".", "recorded from --output-dir when a run starts (the run's config.yaml shows where it "
                           "ran); set --output-dir instead")
     seed: int = opt(0, "seeds the initial weights and every random draw (data order, crops, masks, drop path): "
@@ -268,8 +269,9 @@ class EvaluationConfig:
 
     eval_period_iterations: int = opt(12500, "iterations between k-NN evaluations of the teacher (one also runs "
                                       "at the end)")
-    knn_train_dataset: str = opt("", "class-folder tree used as the k-NN memory bank; empty = no monitor")
-    knn_val_dataset: str = opt("", "class-folder tree with the same classes, to score on")
+    knn_train_dataset: str = opt("", "class-folder tree (or its shards) used as the k-NN memory bank; empty = "
+                                  "no monitor")
+    knn_val_dataset: str = opt("", "class-folder tree (or its shards) with the same classes, to score on")
     knn_nb: list[int] = opt([10, 20], "numbers of neighbours k to report")
     knn_temperature: float = opt(0.07, "k-NN vote weight exp(similarity / T)")
 

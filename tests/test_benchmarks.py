@@ -93,3 +93,15 @@ def test_benchmark_scripts_run_with_tiny_sizes(tmp_path):
         payload = json.loads((tmp_path / f"{name}.json").read_text())
         assert payload["rows"]
         assert "environment" in payload
+
+
+def test_shards_benchmark_counts_file_operations(tmp_path):
+    """benchmarks/shards.py with tiny sizes: one open per image for the folder, O(shards) for the shards (counts,
+    not times)."""
+    rows = _load("shards").main(["--images", "300", "--shard-size", "64KB", "--workers", "2", "--pack-workers", "0",
+                                 "--batch", "32", "--no-wids", "--work-dir", str(tmp_path), "--out-dir", str(tmp_path)])
+    folder, shards = rows
+    assert folder["images"] == shards["images"] == 300
+    assert folder["fs_ops_epoch"] >= 300
+    assert shards["fs_ops_epoch"] <= 8 * shards["shards"] * 2 < 300
+    assert json.loads((tmp_path / "shards.json").read_text())["rows"][1]["data"] == "shards"

@@ -54,6 +54,11 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
             f"{_HERE}.args:add_eval_linear_args", f"{_HERE}.evaluate:run_linear",
             description="Trains lr x last-1/4-blocks x avgpool linear heads from one backbone forward; writes "
             "OUTPUT_DIR/results_eval_linear.json and OUTPUT_DIR/best_linear_head.pth."),
+    Command("shards", "pack an image folder into indexed tar shards (resumable; checks every image decodes)",
+            f"{_HERE}.args:add_shards_args", f"{_HERE}.shards:run_shards",
+            description="Writes OUT/shard-NNNNNN.tar (WebDataset layout: <key>.<ext> + <key>.cls), a member table "
+            "per shard and OUT/index.json. train.dataset_path, evaluation.knn_* and the eval commands' datasets "
+            "accept OUT, a brace pattern, index.json or an http(s) URL of any of them."),
     Command("models", "list the model zoo (architecture, params, published accuracy, licence); --flops: FLOP table",
             f"{_HERE}.args:add_models_args", f"{_HERE}.hub:run_models"),
     Command("download", "download zoo weights into the cache (resumable, verified)",

@@ -103,3 +103,14 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 def add_config_command_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument("--changed", action="store_true", help="print only the keys whose value differs from the default")
+
+
+def add_shards_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="a class-folder tree, a folder of images or a text file listing images")
+    p.add_argument("out", metavar="OUT", help="the folder to write the shards, their member tables and index.json to "
+                   "(an interrupted run into the same OUT continues where it stopped)")
+    p.add_argument("--shard-size", default="256MB", help="bytes per shard, e.g. 256MB, 1GB (default 256MB)")
+    p.add_argument("--workers", type=int, default=4, help="processes that read and decode-check the images")
+    p.add_argument("--bad-image-policy", choices=("error", "skip"), default="error",
+                   help="an image that does not decode: stop (error) or leave it out and list it (skip)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

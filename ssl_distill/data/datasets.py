@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch.utils.data
@@ -125,9 +125,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Open, fully decode and convert one image file to RGB. Raises whatever PIL raises for broken files."""
-    with _strict_truncation(), open(path, "rb") as f:  # closing f, not the image, keeps its pixels usable
+def load_rgb(path: str | IO[bytes]) -> Image.Image:
+    """Open, fully decode and convert one image file (a path, or an open binary file) to RGB. Raises whatever PIL
+    raises for broken files."""
+    opened = open(path, "rb") if isinstance(path, (str, os.PathLike)) else contextlib.nullcontext(path)
+    with _strict_truncation(), opened as f:  # closing f, not the image, keeps its pixels usable
         img = Image.open(f)
         img.load()
         return to_rgb(img)
@@ -192,7 +194,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self._broken_paths)
 
     def __getitem__(self, index: int) -> tuple[Any, int] | tuple[Any, int, int]:
-        n = len(self.samples)
+        n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} images")
         index %= n
@@ -203,15 +205,24 @@ class ImageDataset(torch.utils.data.Dataset):
             return img, label, int(substituted)
         return img, label
 
+    def _sample(self, index: int) -> tuple[str, int]:
+        """The name (a file path here) and label of sample ``index``."""
+        return self.samples[index]
+
+    def _read(self, index: int, path: str) -> str | IO[bytes]:
+        """What :func:`load_rgb` decodes for sample ``index``: its file (shards: its bytes, integrity-checked)."""
+        return path
+
     def _load_with_policy(self, index: int) -> tuple[Image.Image, int, bool]:
         """Decode sample ``index`` or, under ``skip``, the first readable one after it."""
-        n = len(self.samples)
+        n = len(self)
         for attempt in range(min(n, MAX_SUBSTITUTE_TRIES)):
-            path, label = self.samples[(index + attempt) % n]
+            path, label = self._sample((index + attempt) % n)
             if path in self._broken_paths:
                 continue
+            source = self._read((index + attempt) % n, path)  # not under the policy: shards raise ShardError here
             try:
-                return load_rgb(path), label, attempt > 0
+                return load_rgb(source), label, attempt > 0
             except Exception as err:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
                 if self.bad_image_policy == "error":
                     raise BrokenImageError(
@@ -227,7 +238,7 @@ class ImageDataset(torch.utils.data.Dataset):
                     type(err).__name__,
                     err,
                 )
-        first = self.samples[index][0]
+        first = self._sample(index)[0]
         raise BrokenImageError(
             f"{min(n, MAX_SUBSTITUTE_TRIES)} consecutive images starting at index {index} ({first!r}) are "
             f"all unreadable; the dataset at {self.root or first!r} looks broken: check the files (e.g. open "
@@ -373,6 +384,10 @@ def build_image_dataset(
     unlabelled. Samples are sorted by their path relative to ``path`` (folder by folder), so the order
     is the same on every machine.
 
+    **Shards** — a brace pattern, a ``.tar``, a folder of ``.tar`` files or with a shard ``index.json``, a ``.json``
+    shard list, or an ``http(s)://`` URL: a :class:`~ssl_distill.data.shards.ShardDataset` (``ssl-distill shards``
+    packs a folder into them; see :mod:`ssl_distill.data.shard_index`).
+
     **List file** — any other file: UTF-8 text, one image path per line; relative paths are resolved
     against the list file's folder; blank lines and lines starting with ``#`` are ignored; labels ``-1``;
     the order is the file's order.
@@ -383,6 +398,12 @@ def build_image_dataset(
     :class:`ImageDataset`.
     """
     _check_policy(bad_image_policy)
+    from .shard_index import is_shard_spec  # shard_index builds on this module
+
+    if is_shard_spec(path):
+        from .shards import build_shard_dataset
+
+        return build_shard_dataset(path, transform, bad_image_policy, labelled, return_broken_flag)
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(

@@ -18,8 +18,11 @@ def _add_common_args(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="a training checkpoint (its teacher backbone is used), an exported backbone / official DINOv2 "
                         "state dict (architecture from --config-file and key=value overrides), a model-zoo name, "
                         "or 'random' for a randomly initialised baseline")
-    p.add_argument("--train-dataset", required=True, help="class-folder tree <root>/<class>/<image> to fit on")
-    p.add_argument("--val-dataset", required=True, help="class-folder tree with the same class names, to score on")
+    p.add_argument("--train-dataset", required=True,
+                   help="class-folder tree <root>/<class>/<image> to fit on, or its shards (`ssl-distill shards` OUT "
+                   "folder, index.json, brace pattern or http(s) URL)")
+    p.add_argument("--val-dataset", required=True,
+                   help="class-folder tree (or its shards) with the same class names, to score on")
     p.add_argument("--output-dir", required=True, help="where the results JSON (and best head) are written")
     p.add_argument("--batch-size", type=int, default=batch_size, help="images per forward pass and rank")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes per rank")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_distill.data.datasets import ImageDataset, build_image_dataset
+from ssl_distill.data.shard_index import is_shard_spec
 
 logger = logging.getLogger(__name__)
 
@@ -18,14 +19,16 @@ class EvalInputError(ValueError):
 
 def _open(path: str, role: str, transform: Callable | None, policy: str) -> ImageDataset:
     root = Path(path).expanduser()
-    if not root.is_dir():
+    shards = is_shard_spec(path)
+    if not shards and not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise EvalInputError(
             f"--{role}-dataset '{path}' {what}; pass a class-folder tree (<root>/<class>/<image>), one sub-folder "
-            "per class."
+            "per class, or the shards `ssl-distill shards` packed from one."
         )
     try:
-        ds = build_image_dataset(root, transform=transform, bad_image_policy=policy, labelled=True)
+        ds = build_image_dataset(path if shards else root, transform=transform, bad_image_policy=policy,
+                                 labelled=True)
     except (FileNotFoundError, ValueError) as err:
         raise EvalInputError(f"--{role}-dataset '{path}': {err}") from None
     if len(ds.classes) < 2:
@@ -70,8 +73,11 @@ def load_labelled_datasets(
 
 
 def _empty_class_folders(ds: ImageDataset) -> list[str]:
-    """Sub-folders of a class-folder tree's root that hold no images (so they are no class of ``ds``)."""
+    """Sub-folders of a class-folder tree's root that hold no images (so they are no class of ``ds``); shards have
+    none (their classes are those the packer found images of)."""
     root = Path(ds.root)
+    if not root.is_dir() or is_shard_spec(ds.root):
+        return []
     return sorted(d.name for d in root.iterdir()
                   if not d.name.startswith(".") and d.is_dir() and d.name not in set(ds.classes))
 

@@ -124,6 +124,9 @@ def dataset_fingerprint(dataset: Any) -> str:
     Paths are hashed as they are, whatever their encoding (a name with non-UTF-8 bytes must not stop an evaluation
     that training on the same tree runs through)."""
     h = hashlib.sha256(_raw(f"{getattr(dataset, 'root', '')}|{getattr(dataset, 'classes', [])}|"))
+    if hasattr(dataset, "fingerprint"):  # shards: their recorded sha256 (or size + mtime), not a stat per sample
+        h.update(_raw(dataset.fingerprint()))
+        return h.hexdigest()
     for path, label in getattr(dataset, "samples", []):
         try:
             st = os.stat(path)
