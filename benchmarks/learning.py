@@ -130,10 +130,10 @@ def train_both(cfg: Any, out_dir: Path, lightly_recipes: list[str]) -> tuple[Tra
         seconds["data"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         record = trainer.step(batch, it)
-        if trainer._logs_after(it + 1):
+        if trainer._logs_after(it + 1):  # losses are read on log steps only (the step never waits for them)
             trainer.collapse.update(it + 1, record)
+            final_loss["ours"] = record["total_loss"]
         seconds["ours"] += time.perf_counter() - t0
-        final_loss["ours"] = record["total_loss"]
         for name, run in others.items():
             t0 = time.perf_counter()
             final_loss[f"lightly_{name}"] = run.step(batch, it, record)
